@@ -1,0 +1,346 @@
+"""LLM2Vec-Gen: a frozen causal LLM turned into a text embedder by K trainable special tokens.
+
+Notation (paper, arXiv 2603.10913), with B texts in a batch, H the LLM's hidden size, D the teacher's size:
+
+    x          the query tokens; y = (y_1 .. y_R) the frozen LLM's own response to x
+    t_1..t_T   thought tokens, c_1..c_C compression tokens: K = T + C new rows, the only trained embeddings
+    h          = LLM([x ; t ; c])[last C positions]             (B, C, H)  last hidden states
+    z          = W_r h + b_r                                     (B, C, H)  back in the LLM's input space
+    e          = 1/C * sum_i (W_a z_i + b_a)                     (B, D)     the embedding
+    L_recon    = -1/R * sum_j log p_LLM(y_j | z, y_<j)                      the same frozen LLM reads z
+    L_align    = MSE(e, teacher(y))
+    L          = w_recon * L_recon + w_align * L_align
+
+Every backbone weight stays bit-for-bit unchanged: the special rows live in their own (K, H) parameter and
+are spliced in after the query's embeddings, so the vocabulary matrix is never resized nor optimised. One
+backbone serves both the encoding pass and the reconstruction pass. Because z lives in the input space,
+`decode` lets the LLM generate text from it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.backbone import Backbone, BackboneSpec, load_backbone
+from components.spec import Spec
+
+CONFIG_FILE = "llm2vec_gen.json"
+WEIGHTS_FILE = "trainable.safetensors"
+
+
+class ModelConfig(BaseModel):
+    """Everything needed to rebuild the model next to its backbone; saved as llm2vec_gen.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: Literal[1] = 1
+    backbone: BackboneSpec
+    backbone_fingerprint: str
+    thought_tokens: int
+    compression_tokens: int
+    hidden_size: int
+    embedding_dim: int
+    reconstruction_init: Literal["random", "identity"] = "random"
+    max_query_tokens: int = 512
+    prompts: dict[str, str] = {}
+    teacher: str = ""  # provenance only: what the alignment targets came from
+    seed: int = 0
+
+    @property
+    def special_tokens(self) -> list[str]:
+        thoughts = [f"<|llm2vec_thought_{i}|>" for i in range(self.thought_tokens)]
+        compressions = [f"<|llm2vec_compress_{i}|>" for i in range(self.compression_tokens)]
+        return thoughts + compressions
+
+
+@dataclass
+class TrainingBatch:
+    query_ids: torch.Tensor  # (B, Lq) left-padded
+    query_mask: torch.Tensor  # (B, Lq)
+    response_ids: torch.Tensor  # (B, R) right-padded, ends with EOS unless truncated
+    response_mask: torch.Tensor  # (B, R)
+    teacher: torch.Tensor  # (B, D) alignment targets
+
+
+@dataclass
+class Losses:
+    total: torch.Tensor
+    reconstruction: torch.Tensor
+    alignment: torch.Tensor
+    embedding: torch.Tensor  # (B, D), kept for in-batch diagnostics
+
+
+class LLM2VecGen(nn.Module):
+    def __init__(self, backbone: Backbone, config: ModelConfig):
+        super().__init__()
+        if backbone.model.config.hidden_size != config.hidden_size:
+            raise ValueError(f"backbone hidden size {backbone.model.config.hidden_size} != saved {config.hidden_size}")
+        self.config = config
+        self.backbone = backbone.model  # frozen; shared by the encoding and the reconstruction passes
+        self.backbone_info = backbone
+        self.tokenizer = backbone.tokenizer
+        self.tokenizer.add_special_tokens(
+            {"additional_special_tokens": config.special_tokens}, replace_extra_special_tokens=False
+        )
+        hidden, num_special = config.hidden_size, config.thought_tokens + config.compression_tokens
+        vocabulary = self.backbone.get_input_embeddings().weight.detach().float()  # (V, H)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            # New rows start as plausible tokens: the vocabulary's mean plus noise of its per-dimension spread.
+            start = vocabulary.mean(0) + vocabulary.std(0) * torch.randn(num_special, hidden)
+            self.special_embeddings = nn.Parameter(start)  # (K, H)
+            self.reconstruction = nn.Linear(hidden, hidden)  # W_r: hidden state -> input embedding space
+            self.alignment = nn.Linear(hidden, config.embedding_dim)  # W_a: input space -> teacher space
+        if config.reconstruction_init == "identity":
+            with torch.no_grad():
+                self.reconstruction.weight.copy_(torch.eye(hidden))
+                self.reconstruction.bias.zero_()
+
+    # ------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def from_spec(cls, spec: Spec, embedding_dim: int, backbone: Backbone | None = None) -> LLM2VecGen:
+        backbone = backbone or load_backbone(spec.backbone)
+        teacher = spec.teacher.name or f"{spec.teacher.package}/{spec.teacher.path_in_package}".rstrip("/")
+        config = ModelConfig(
+            backbone=spec.backbone,
+            backbone_fingerprint=backbone.fingerprint,
+            thought_tokens=spec.tokens.thought,
+            compression_tokens=spec.tokens.compression,
+            hidden_size=backbone.model.config.hidden_size,
+            embedding_dim=embedding_dim,
+            reconstruction_init=spec.model.reconstruction_init,
+            max_query_tokens=spec.model.max_query_tokens,
+            prompts=spec.model.prompts,
+            teacher=f"{spec.teacher.kind}:{teacher}" if spec.teacher.kind != "backbone_mean_pool" else "backbone_mean_pool",
+            seed=spec.training.seed,
+        )
+        return cls(backbone, config)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.special_embeddings, *self.reconstruction.parameters(), *self.alignment.parameters()]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: value for name, value in self.state_dict().items() if not name.startswith("backbone.")}
+
+    @property
+    def device(self) -> torch.device:
+        return self.special_embeddings.device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.backbone.get_input_embeddings().weight.dtype
+
+    # ------------------------------------------------------------------------------------------ encoding
+
+    def tokenize_queries(self, texts: Sequence[str], prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids (B, Lq) and mask of `prompt + text`; the K special tokens are added as embeddings."""
+        rows = self.tokenizer(
+            [prompt + text for text in texts], truncation=True, max_length=self.config.max_query_tokens
+        )["input_ids"]
+        return _pad(rows, self.tokenizer.pad_token_id, side="left", device=self.device)
+
+    def compression_states(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """h: the last hidden states at the C compression positions of [x ; t ; c]."""
+        batch = query_ids.shape[0]
+        tokens = self.backbone.get_input_embeddings()(query_ids)  # (B, Lq, H)
+        special = self.special_embeddings.to(self._dtype).expand(batch, -1, -1)  # (B, K, H)
+        inputs = torch.cat([tokens, special], dim=1)  # (B, Lq + K, H)
+        mask = torch.cat([query_mask, query_mask.new_ones(batch, special.shape[1])], dim=1)
+        # Positions count real tokens only, so left padding does not shift them: a text's embedding does not
+        # depend on what else is in its batch.
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.backbone.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions)
+        return hidden.last_hidden_state[:, -self.config.compression_tokens :].float()  # (B, C, H)
+
+    def project(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (B, C, H) -> z (B, C, H) in input space, and the embedding e (B, D)."""
+        z = self.reconstruction(states)
+        embedding = self.alignment(z).mean(dim=1)
+        return z, embedding
+
+    def compress(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.project(self.compression_states(query_ids, query_mask))
+
+    # ------------------------------------------------------------------------------------------- losses
+
+    def reconstruction_loss(self, z: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor):
+        """Mean cross-entropy of the response tokens given [z ; y], for the whole batch in one pass."""
+        batch, num_compression = z.shape[0], z.shape[1]
+        responses = self.backbone.get_input_embeddings()(response_ids)  # (B, R, H)
+        inputs = torch.cat([z.to(self._dtype), responses], dim=1)  # (B, C + R, H)
+        mask = torch.cat([response_mask.new_ones(batch, num_compression), response_mask], dim=1)
+        hidden = self.backbone.base_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        # Position C-1+j reads z and y_<j, and predicts y_j. Right padding keeps positions exact.
+        predictors = hidden[:, num_compression - 1 : -1]  # (B, R, H)
+        real = response_mask.bool()
+        logits = self.backbone.get_output_embeddings()(predictors[real]).float()  # (N, V), real tokens only
+        return F.cross_entropy(logits, response_ids[real])
+
+    @staticmethod
+    def alignment_loss(embedding: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(embedding, teacher.to(embedding.dtype))
+
+    def forward(self, batch: TrainingBatch, weights: tuple[float, float] = (1.0, 1.0)) -> Losses:
+        """The training objective; `weights` are (w_recon, w_align)."""
+        z, embedding = self.compress(batch.query_ids, batch.query_mask)
+        reconstruction = self.reconstruction_loss(z, batch.response_ids, batch.response_mask)
+        alignment = self.alignment_loss(embedding, batch.teacher)
+        total = weights[0] * reconstruction + weights[1] * alignment
+        return Losses(total, reconstruction.detach(), alignment.detach(), embedding.detach())
+
+    def collate(
+        self, queries: Sequence[str], responses: Sequence[str], teacher: np.ndarray | torch.Tensor, max_response_tokens: int
+    ) -> TrainingBatch:
+        """Tokenised tensors for a batch of (query, response, teacher vector) rows."""
+        query_ids, query_mask = self.tokenize_queries(queries)
+        eos = self.tokenizer.eos_token_id
+        rows = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+        rows = [(row + [eos])[:max_response_tokens] for row in rows]
+        response_ids, response_mask = _pad(rows, self.tokenizer.pad_token_id, side="right", device=self.device)
+        teacher = torch.as_tensor(np.asarray(teacher), dtype=torch.float32, device=self.device)
+        return TrainingBatch(query_ids, query_mask, response_ids, response_mask, teacher)
+
+    # -------------------------------------------------------------------------------------- inference API
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = 32,
+        normalize: bool = False,
+        show_progress_bar: bool | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        convert_to_tensor: bool = False,
+    ) -> np.ndarray | torch.Tensor:
+        """Embeddings (N, D) of `texts`, like sentence-transformers' `encode` (one text gives (D,))."""
+        single = isinstance(texts, str)
+        texts = check_texts([texts] if single else texts)
+        prefix = self._prompt(prompt_name, prompt)
+        # Longest first, so that each batch pads little; results are put back in input order.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        out = torch.empty(len(texts), self.config.embedding_dim)
+        for chunk in _progress(chunks, show_progress_bar, "encode"):
+            _, embedding = self.compress(*self.tokenize_queries([texts[i] for i in chunk], prefix))
+            out[chunk] = embedding.float().cpu()
+        if normalize:
+            out = F.normalize(out, dim=-1)
+        out = out[0] if single else out
+        return out if convert_to_tensor else out.numpy()
+
+    @torch.inference_mode()
+    def decode(
+        self, inputs: str | Sequence[str] | torch.Tensor, max_new_tokens: int = 64, prompt_name: str | None = None
+    ) -> str | list[str]:
+        """What the LLM writes when fed z: texts are compressed first; a tensor is taken as z, (C, H) or (B, C, H)."""
+        single = isinstance(inputs, str) or (isinstance(inputs, torch.Tensor) and inputs.dim() == 2)
+        if isinstance(inputs, torch.Tensor):
+            z = inputs.unsqueeze(0) if inputs.dim() == 2 else inputs
+            expected = (self.config.compression_tokens, self.config.hidden_size)
+            if z.dim() != 3 or tuple(z.shape[1:]) != expected:
+                raise ValueError(f"decode: z must have shape (C, H) or (B, C, H) with (C, H) = {expected}, got {tuple(inputs.shape)}")
+        else:
+            texts = check_texts([inputs] if single else inputs)
+            z, _ = self.compress(*self.tokenize_queries(texts, self._prompt(prompt_name, None)))
+        z = z.to(self.device, self._dtype)
+        generated = self.backbone.generate(
+            inputs_embeds=z,
+            attention_mask=torch.ones(z.shape[:2], dtype=torch.long, device=self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return texts[0] if single else texts
+
+    def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
+        if prompt is not None:
+            return prompt
+        if prompt_name is None:
+            return ""
+        if prompt_name not in self.config.prompts:
+            raise KeyError(f"prompt_name '{prompt_name}' is not one of {sorted(self.config.prompts)}")
+        return self.config.prompts[prompt_name]
+
+    # ------------------------------------------------------------------------------------------ storage
+
+    def save(self, path: str | Path) -> Path:
+        """A small folder: the trained rows and projections (safetensors) and llm2vec_gen.json. No pickle."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: value.detach().cpu().contiguous() for name, value in self.trainable_state_dict().items()}
+        save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "llm2vec-gen-ray"})
+        (path / CONFIG_FILE).write_text(
+            json.dumps({**self.config.model_dump(mode="json"), "special_tokens": self.config.special_tokens}, indent=2)
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, backbone: Backbone | None = None) -> LLM2VecGen:
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{path}: not an LLM2Vec-Gen model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        saved = json.loads((path / CONFIG_FILE).read_text())
+        saved.pop("special_tokens", None)  # derived from the counts; written for readers of the folder
+        config = ModelConfig.model_validate(saved)
+        backbone = backbone or load_backbone(config.backbone)
+        if backbone.fingerprint != config.backbone_fingerprint:
+            raise ValueError(
+                f"{path}: the backbone's weights differ from those the model was trained on "
+                f"(fingerprint {backbone.fingerprint[:16]} != {config.backbone_fingerprint[:16]})"
+            )
+        model = cls(backbone, config)
+        missing, unexpected = model.load_state_dict(load_file(path / WEIGHTS_FILE), strict=False)
+        missing = [name for name in missing if not name.startswith("backbone.")]
+        if missing or unexpected:
+            raise ValueError(f"{path}/{WEIGHTS_FILE}: missing {missing}, unexpected {unexpected}")
+        return model
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """Inputs must be non-empty strings; the error names the first bad index."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise ValueError("texts is empty")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"texts[{index}] is empty")
+    return list(texts)
+
+
+def _pad(rows: list[list[int]], pad_id: int, side: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(1, max(len(row) for row in rows))
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for index, row in enumerate(rows):
+        span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
+        ids[index, span] = torch.tensor(row, dtype=torch.long)
+        mask[index, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _progress(items, show: bool | None, description: str):
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description)

@@ -1,0 +1,446 @@
+"""The run spec: one typed, validated object built from a YAML file.
+
+A spec file may name a `base:` spec (resolved relative to itself) whose keys it overrides, and the command
+line may override any leaf with `--set dotted.key=value`. Every error is raised as `SpecError` with the file,
+the full key path and, for a likely typo, the closest valid key, so that callers can print it and exit
+instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(ValueError):
+    """A spec (file, inheritance chain or override) is not valid; the message says where and why."""
+
+
+class Section(BaseModel):
+    """Base of every spec section: unknown keys are errors, values are immutable after validation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+class RandomBackboneSpec(Section):
+    """A tiny randomly initialised model built in code (tests, CI): no weights are read from anywhere."""
+
+    architecture: Literal["llama", "qwen2", "qwen3"] = "llama"
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+    max_position_embeddings: int = Field(2048, ge=64)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> RandomBackboneSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        return self
+
+
+class BackboneSpec(Section):
+    """Where the frozen causal LLM comes from.
+
+    source: hub (a model id, online only), folder (a local Hugging Face folder), gguf (a .gguf file),
+    package (a .gguf file shipped inside an installed Python package: `package` + `file` glob),
+    random (a tiny model built from `random`, for tests).
+    """
+
+    source: Literal["hub", "folder", "gguf", "package", "random"]
+    name: str | None = None
+    file: str | None = None
+    revision: str | None = None
+    random: RandomBackboneSpec | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> BackboneSpec:
+        needs = {"hub": ["name"], "folder": ["name"], "gguf": ["name"], "package": ["name", "file"], "random": ["random"]}
+        missing = [key for key in needs[self.source] if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"source '{self.source}' needs {', '.join(missing)}")
+        return self
+
+
+class TeacherSpec(Section):
+    """The unsupervised embedder whose vectors of the responses are the alignment targets.
+
+    kind: sentence_transformers (a folder, hub id, or a package shipping one: `package` + `path_in_package`),
+    hf_mean_pool (mean pooling of any HF encoder), backbone_mean_pool (the backbone's own mean-pooled states).
+    """
+
+    kind: Literal["sentence_transformers", "hf_mean_pool", "backbone_mean_pool"]
+    name: str | None = None
+    package: str | None = None
+    path_in_package: str = ""
+    normalize: bool = True
+    batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _has_location(self) -> TeacherSpec:
+        if self.kind != "backbone_mean_pool" and self.name is None and self.package is None:
+            raise ValueError(f"teacher kind '{self.kind}' needs name or package")
+        return self
+
+
+class TokensSpec(Section):
+    """T thought tokens then C compression tokens appended to every input (the paper: 10 + 10)."""
+
+    thought: int = Field(10, ge=0, le=256)
+    compression: int = Field(10, ge=1, le=256)
+
+
+class LossSpec(Section):
+    """Total loss = reconstruction * L_recon + alignment * L_align."""
+
+    reconstruction: float = Field(1.0, ge=0)
+    alignment: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> LossSpec:
+        if self.reconstruction == 0 and self.alignment == 0:
+            raise ValueError("at least one of reconstruction and alignment must be > 0")
+        return self
+
+
+class ModelSpec(Section):
+    """Choices of the trainable head and the instructions stored with the model."""
+
+    reconstruction_init: Literal["random", "identity"] = "random"
+    max_query_tokens: int = Field(512, ge=1)
+    # Instructions prefixed to a text before encoding, by name; the paper phrases inputs as requests to answer.
+    prompts: dict[str, str] = Field(
+        default_factory=lambda: {
+            "query": "Generate a passage that best answers this question: ",
+            "document": "Summarize the following passage: ",
+        }
+    )
+
+
+class DataSourceSpec(Section):
+    """One file (or HF dataset when online) of unlabeled queries."""
+
+    path: str
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "tsv", "hf"] = "auto"
+    text_field: str | None = None
+    template: str | None = None  # e.g. "{instruction}\n{input}", joins fields
+    weight: float = Field(1.0, gt=0)
+    limit: int | None = Field(None, ge=1)
+    split: str | None = None
+
+    @model_validator(mode="after")
+    def _one_text_rule(self) -> DataSourceSpec:
+        if (self.text_field is None) == (self.template is None):
+            raise ValueError("give exactly one of text_field and template")
+        return self
+
+
+class DataSpec(Section):
+    sources: list[DataSourceSpec] = Field(default_factory=list)
+    limit: int | None = Field(None, ge=1)
+    seed: int = 0
+    dedup: bool = True
+    max_query_chars: int = Field(2000, ge=1)
+    holdout_fraction: float = Field(0.0, ge=0, lt=1)
+
+
+class GenerationSpec(Section):
+    """How the frozen LLM answers each query (greedy by default)."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    max_new_tokens: int = Field(64, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list)
+    system_prompt: str | None = None
+    enable_thinking: bool = False
+    batch_size: int = Field(16, ge=1)
+    num_actors: int = Field(1, ge=1)
+    num_cpus_per_actor: float = Field(1, gt=0)
+    num_gpus_per_actor: float = Field(0, ge=0)
+
+
+class TrainingSpec(Section):
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)  # global, per optimizer step
+    micro_batch_size: int = Field(8, ge=1)  # per worker per forward pass
+    max_steps: int = Field(5000, ge=1)  # where to stop
+    schedule_steps: int | None = Field(None, ge=1)  # length of the LR schedule; default max_steps
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    seed: int = 0
+    max_response_tokens: int = Field(128, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_failures: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainingSpec:
+        per_step = self.micro_batch_size * self.num_workers
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size * num_workers ({per_step})"
+            )
+        if self.warmup_steps > (self.schedule_steps or self.max_steps):
+            raise ValueError("warmup_steps must not exceed schedule_steps (or max_steps)")
+        return self
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.batch_size // (self.micro_batch_size * self.num_workers)
+
+
+class TrackingSpec(Section):
+    enabled: bool = True
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else a SQLite store in the run folder
+    experiment: str = "llm2vec-gen"
+    registered_model_name: str | None = None
+
+
+class EvaluationSpec(Section):
+    suite: Literal["local", "mteb-lite", "none"] = "local"
+    tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(None, ge=1)
+    data_dir: str = "../shared/data"
+    baselines: bool = False
+    batch_size: int = Field(32, ge=1)
+
+
+class ServingSpec(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_batch_tokens: int = Field(8192, ge=1)
+    max_inputs_per_request: int = Field(256, ge=1)
+    max_input_tokens: int = Field(512, ge=1)
+    max_payload_bytes: int = Field(1_000_000, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)
+    api_key_env: str | None = None
+
+
+class Spec(Section):
+    """A whole run: what to train, on what, how, and how to track, evaluate and serve it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    output_dir: str | None = None  # default runs/<name>
+    backbone: BackboneSpec
+    teacher: TeacherSpec
+    tokens: TokensSpec = TokensSpec()
+    loss: LossSpec = LossSpec()
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    generation: GenerationSpec = GenerationSpec()
+    training: TrainingSpec = TrainingSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    serving: ServingSpec = ServingSpec()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A stable hash of the named sections (all when none are named), for caching stage outputs."""
+        data = self.to_dict()
+        chosen = {key: data[key] for key in sections} if sections else data
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Read a spec file, resolve its `base:` chain, apply `key=value` overrides, and validate."""
+    data = _read_with_bases(Path(path), chain=())
+    for override in overrides:
+        _apply_override(data, override)
+    return validate_spec(data, source=str(path))
+
+
+def validate_spec(data: Any, source: str = "<spec>") -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a spec must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as err:
+        lines = [_describe(error) for error in err.errors()]
+        raise SpecError(f"{source}: invalid spec\n" + "\n".join(f"  - {line}" for line in lines)) from None
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise SpecError(f"{path}: base specs form a cycle: {cycle}")
+    if not path.is_file():
+        hint = f" (named as base by {chain[-1]})" if chain else ""
+        raise SpecError(f"{path}: spec file not found{hint}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}:{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a spec must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise SpecError(f"{path}: base: expected a file path, got {type(base).__name__}")
+    parent = _read_with_bases(path.parent / base, chain=(*chain, resolved))
+    return _deep_merge(parent, data)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else (lists included) is replaced whole."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {override!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {override!r}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# ------------------------------------------------------------------------------------------ error messages
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [part for part in error["loc"] if not _is_union_tag(part)]
+    path = _format_path(loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent_fields = _fields_at(Spec, loc[:-1])
+        hint = ""
+        if parent_fields:
+            close = difflib.get_close_matches(str(loc[-1]), parent_fields, n=1, cutoff=0.6)
+            if close:
+                hint = f"; did you mean '{_format_path([*loc[:-1], close[0]])}'?"
+            else:
+                hint = f"; valid keys here: {', '.join(parent_fields)}"
+        return f"{path}: unknown key{hint}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    got = _show_input(error.get("input"))
+    if kind in _TYPE_WORDS:
+        return f"{path}: expected {_TYPE_WORDS[kind]}, got {got}"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"{path}: must be one of {expected}, got {got}"
+    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    return f"{path}: {message} (got {got})" if loc else message
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic adds the chosen branch of a union ("int", "function-after[...]") to the location
+    return isinstance(part, str) and ("[" in part or part in {"int", "str", "float", "bool", "none"})
+
+
+def _format_path(loc: list[Any]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<top level>"
+
+
+def _show_input(value: Any) -> str:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return f"{shown} ({type(value).__name__})"
+
+
+def _fields_at(model: type[BaseModel], loc: list[Any]) -> list[str]:
+    """The valid keys of the section at `loc` (walking through lists, optionals and dicts)."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(part, int):
+            args = typing.get_args(current)
+            current = args[0] if args else None
+        elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+        else:
+            return []
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """`X | None` -> X."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
