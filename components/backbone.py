@@ -220,6 +220,7 @@ def build_random_backbone(spec: RandomBackboneSpec) -> tuple[PreTrainedModel, Pr
         num_key_value_heads=spec.num_kv_heads,
         intermediate_size=spec.intermediate_size,
         max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.initializer_range,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -20,9 +20,10 @@ backbone serves both the encoding pass and the reconstruction pass. Because z li
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch

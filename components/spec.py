@@ -44,6 +44,9 @@ class RandomBackboneSpec(Section):
     num_kv_heads: int = Field(2, ge=1)
     intermediate_size: int = Field(128, ge=8)
     max_position_embeddings: int = Field(2048, ge=64)
+    # Std of the random weights; larger than the usual 0.02 so that a tiny model's logits are not near-uniform
+    # and its outputs can actually be steered by the trained tokens.
+    initializer_range: float = Field(0.02, gt=0)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -384,7 +387,7 @@ def _describe(error: dict[str, Any]) -> str:
         parent_fields = _fields_at(Spec, loc[:-1])
         hint = ""
         if parent_fields:
-            close = difflib.get_close_matches(str(loc[-1]), parent_fields, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(str(loc[-1]), parent_fields, n=1, cutoff=0.5)
             if close:
                 hint = f"; did you mean '{_format_path([*loc[:-1], close[0]])}'?"
             else:
@@ -399,7 +402,9 @@ def _describe(error: dict[str, Any]) -> str:
         expected = error.get("ctx", {}).get("expected", "")
         return f"{path}: must be one of {expected}, got {got}"
     message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
-    return f"{path}: {message} (got {got})" if loc else message
+    if isinstance(error.get("input"), dict):  # a whole section failed a cross-field rule: the message says why
+        return f"{path}: {message}"
+    return f"{path}: {message} (got {got})"
 
 
 def _is_union_tag(part: Any) -> bool:

@@ -1,0 +1,181 @@
+"""The LLM2Vec-Gen model on tiny random Llama- and Qwen-style backbones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from components.model import LLM2VecGen
+from tests.conftest import ARCHITECTURES, tiny_spec_for
+
+QUERIES = [f"question {i}: what is {word}?" for i, word in enumerate(["red", "blue", "green", "cats", "dogs", "rain", "snow", "wind"])]
+RESPONSES = [f"{word} answer" for word in ["apple", "berry", "cherry", "dates", "eggs", "figs", "grape", "honey"]]
+
+
+def train(model: LLM2VecGen, steps: int, lr: float = 1e-2, teacher: torch.Tensor | None = None) -> list[float]:
+    teacher = torch.randn(len(QUERIES), model.config.embedding_dim, generator=torch.Generator().manual_seed(1)) if teacher is None else teacher
+    batch = model.collate(QUERIES, RESPONSES, teacher, max_response_tokens=32)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=lr)
+    history = []
+    for _ in range(steps):
+        losses = model(batch)
+        optimizer.zero_grad()
+        losses.total.backward()
+        optimizer.step()
+        history.append(losses.total.item())
+    return history
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_training_changes_only_special_rows_and_projections(make_tiny_model, architecture):
+    model = make_tiny_model(architecture)
+    backbone_before = {name: tensor.clone() for name, tensor in model.backbone.state_dict().items()}
+    trainable_before = {name: tensor.clone() for name, tensor in model.trainable_state_dict().items()}
+
+    train(model, steps=4)
+
+    for name, tensor in model.backbone.state_dict().items():
+        assert torch.equal(tensor, backbone_before[name]), f"backbone weight {name} changed"
+    assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
+    for name, tensor in model.trainable_state_dict().items():
+        assert not torch.equal(tensor, trainable_before[name]), f"trainable {name} did not change"
+
+
+def test_only_special_rows_and_projections_are_trainable(make_tiny_model):
+    model = make_tiny_model("llama", embedding_dim=16)
+    hidden, special = model.config.hidden_size, model.config.thought_tokens + model.config.compression_tokens
+    expected = special * hidden + (hidden * hidden + hidden) + (hidden * 16 + 16)
+    assert sum(p.numel() for p in model.trainable_parameters()) == expected
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.trainable_parameters()}
+    # the vocabulary matrix is not resized: special tokens are spliced in as their own rows
+    assert model.backbone.get_input_embeddings().weight.shape[0] == model.backbone.config.vocab_size
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_encode_does_not_depend_on_batch_or_padding(make_tiny_model, architecture):
+    model = make_tiny_model(architecture)
+    texts = ["short", "a considerably longer text that forces padding on the others", "mid length text", "x y"]
+    together = model.encode(texts, batch_size=4)
+    alone = np.stack([model.encode(text) for text in texts])
+    pairs = np.concatenate([model.encode(texts[i : i + 2], batch_size=2) for i in (0, 2)])
+    assert np.abs(together - alone).max() <= 1e-5
+    assert np.abs(pairs - alone).max() <= 1e-5
+
+    # extra padding, and a caller's tokenizer set to pad on the right, change nothing
+    ids, mask = model.tokenize_queries(texts[:1])
+    padded_ids = torch.cat([torch.full((1, 7), model.tokenizer.pad_token_id), ids], dim=1)
+    padded_mask = torch.cat([torch.zeros(1, 7, dtype=torch.long), mask], dim=1)
+    with torch.no_grad():
+        _, plain = model.compress(ids, mask)
+        _, padded = model.compress(padded_ids, padded_mask)
+    assert (plain - padded).abs().max().item() <= 1e-5
+    model.tokenizer.padding_side = "right"
+    try:
+        assert np.abs(model.encode(texts, batch_size=4) - alone).max() <= 1e-5
+    finally:
+        model.tokenizer.padding_side = "left"
+
+
+def test_reconstruction_loss_equals_per_sample_cross_entropy(make_tiny_model):
+    model = make_tiny_model("llama")
+    batch = model.collate(QUERIES[:3], ["a", "a much longer response", "mid one"], torch.zeros(3, 16), 32)
+    with torch.no_grad():
+        z, _ = model.compress(batch.query_ids, batch.query_mask)
+        batched = model.reconstruction_loss(z, batch.response_ids, batch.response_mask)
+        # Straightforward reference: one unpadded sample at a time, full logits, shifted labels.
+        total, count = 0.0, 0
+        for row in range(3):
+            response = batch.response_ids[row][batch.response_mask[row].bool()]
+            embeds = torch.cat([z[row], model.backbone.get_input_embeddings()(response)])[None]
+            logits = model.backbone(inputs_embeds=embeds).logits[0]
+            predicted = logits[z.shape[1] - 1 : -1]
+            total += F.cross_entropy(predicted, response, reduction="sum").item()
+            count += len(response)
+    assert batched.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_alignment_loss_is_mse_to_teacher_of_mean_aligned_vectors(make_tiny_model):
+    model = make_tiny_model("llama")
+    batch = model.collate(QUERIES[:2], RESPONSES[:2], torch.ones(2, 16), 32)
+    losses = model(batch, weights=(0.0, 1.0))
+    with torch.no_grad():
+        z, _ = model.compress(batch.query_ids, batch.query_mask)
+        embedding = model.alignment(z).mean(dim=1)
+    assert losses.alignment.item() == pytest.approx(((embedding - 1.0) ** 2).mean().item(), rel=1e-5)
+    assert losses.total.item() == pytest.approx(losses.alignment.item(), rel=1e-6)
+
+
+def test_overfitting_eight_pairs_lowers_loss_and_decode_reproduces_responses(make_tiny_model):
+    model = make_tiny_model("llama")
+    history = train(model, steps=150)
+    assert history[-1] < 0.5 * history[0]
+    decoded = model.decode(QUERIES, max_new_tokens=4)
+    matches = sum(text[:3] == response[:3] for text, response in zip(decoded, RESPONSES, strict=True))
+    assert matches >= 6, list(zip(decoded, RESPONSES, strict=True))
+
+
+def test_decode_accepts_compression_vectors(make_tiny_model):
+    model = make_tiny_model("llama")
+    ids, mask = model.tokenize_queries(QUERIES[:2])
+    with torch.no_grad():
+        z, _ = model.compress(ids, mask)
+    assert model.decode(z, max_new_tokens=3) == model.decode(QUERIES[:2], max_new_tokens=3)
+    assert isinstance(model.decode(z[0], max_new_tokens=3), str)
+    with pytest.raises(ValueError, match="shape"):
+        model.decode(torch.zeros(2, 5, 7))
+
+
+def test_save_then_load_gives_identical_embeddings(make_tiny_model, tmp_path):
+    model = make_tiny_model("qwen3")
+    train(model, steps=2)
+    before = model.encode(QUERIES)
+    model.save(tmp_path / "model")
+    # Loading rebuilds the backbone from the reference stored in the folder.
+    loaded = LLM2VecGen.load(tmp_path / "model")
+    assert np.array_equal(loaded.encode(QUERIES), before)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["llm2vec_gen.json", "trainable.safetensors"]
+
+
+def test_load_refuses_a_different_backbone(make_tiny_model, tmp_path):
+    from components.backbone import load_backbone
+
+    make_tiny_model("llama").save(tmp_path / "model")
+    other = load_backbone(tiny_spec_for("llama", "backbone.random.seed=7").backbone)
+    with pytest.raises(ValueError, match="backbone's weights differ"):
+        LLM2VecGen.load(tmp_path / "model", backbone=other)
+    with pytest.raises(FileNotFoundError, match="not an LLM2Vec-Gen model folder"):
+        LLM2VecGen.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "texts, error, message",
+    [
+        ([], ValueError, "texts is empty"),
+        (["ok", ""], ValueError, r"texts\[1\] is empty"),
+        (["ok", "   "], ValueError, r"texts\[1\] is empty"),
+        (["ok", 3], TypeError, r"texts\[1\] must be a string"),
+        (42, TypeError, "must be a string or a list"),
+    ],
+)
+def test_encode_rejects_bad_input_naming_the_item(make_tiny_model, texts, error, message):
+    with pytest.raises(error, match=message):
+        make_tiny_model("llama").encode(texts)
+
+
+def test_prompts_come_from_the_model_config(make_tiny_model):
+    model = make_tiny_model("llama")
+    text = "why is the sky blue"
+    with_name = model.encode(text, prompt_name="query")
+    explicit = model.encode(text, prompt=model.config.prompts["query"])
+    assert np.array_equal(with_name, explicit)
+    assert not np.allclose(with_name, model.encode(text))
+    with pytest.raises(KeyError, match="not one of"):
+        model.encode(text, prompt_name="nope")
+
+
+def test_normalized_embeddings_have_unit_norm(make_tiny_model):
+    embeddings = make_tiny_model("qwen2").encode(QUERIES, normalize=True)
+    assert embeddings.shape == (8, 16) and embeddings.dtype == np.float32
+    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)

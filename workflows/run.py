@@ -1,0 +1,99 @@
+"""The main job: run the stages of a spec in order.
+
+    python -m workflows.run SPEC [--set key=value ...] [--stages a,b] [--dry-run] [--print-spec]
+
+A bad spec exits with status 2 and a message naming the key; a failing stage exits with status 1 and names
+the stage. Stages added by later work (generate, teach, train, evaluate, register) plug into STAGES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from components.spec import Spec, SpecError, load_spec
+
+log = logging.getLogger("workflows.run")
+
+
+def stage_check(spec: Spec, _results: dict[str, Any]) -> dict[str, Any]:
+    """Load the backbone, build the (untrained) model, and encode and decode a few texts."""
+    from components.teacher import teacher_dimension
+
+    from components.backbone import load_backbone
+    from components.model import LLM2VecGen
+
+    started = time.perf_counter()
+    backbone = load_backbone(spec.backbone)
+    load_seconds = time.perf_counter() - started
+    model = LLM2VecGen.from_spec(spec, embedding_dim=teacher_dimension(spec.teacher, backbone), backbone=backbone)
+    texts = ["What is the capital of France?", "How do vaccines work?", "Write a haiku about autumn."]
+    embeddings = model.encode(texts, normalize=True)
+    decoded = model.decode(texts, max_new_tokens=16)
+    print(f"backbone: {spec.backbone.source} {spec.backbone.name or spec.backbone.random} loaded in {load_seconds:.1f}s "
+          f"(fingerprint {backbone.fingerprint[:12]})")
+    print(f"model: {model.config.thought_tokens} thought + {model.config.compression_tokens} compression tokens, "
+          f"hidden {model.config.hidden_size}, embedding dim {model.config.embedding_dim}, "
+          f"{sum(p.numel() for p in model.trainable_parameters()):,} trainable parameters")
+    for text, vector, words in zip(texts, embeddings, decoded, strict=True):
+        print(f"  {text!r}: |e|={float((vector**2).sum()) ** 0.5:.3f} e[:3]={vector[:3].round(3).tolist()} decodes to {words!r}")
+    return {"backbone_load_s": load_seconds, "embedding_dim": model.config.embedding_dim}
+
+
+STAGES: dict[str, Callable[[Spec, dict[str, Any]], Any]] = {"check": stage_check}
+DEFAULT_STAGES = ["check"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m workflows.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", help="a spec file, e.g. specs/smollm2-135m.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key (dotted path)")
+    parser.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma-separated, from: {', '.join(STAGES)}")
+    parser.add_argument("--dry-run", action="store_true", help="validate the spec and exit")
+    parser.add_argument("--print-spec", action="store_true", help="print the fully resolved spec")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        spec = load_spec(args.spec, args.set)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.print_spec:
+        print(spec.to_yaml(), end="")
+    if args.dry_run:
+        print(f"spec OK: {args.spec} (name {spec.name}, fingerprint {spec.fingerprint()})")
+        return 0
+    if args.print_spec:
+        return 0
+    stages = [name.strip() for name in args.stages.split(",") if name.strip()]
+    unknown = [name for name in stages if name not in STAGES]
+    if unknown:
+        print(f"error: --stages: unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for name in stages:
+        print(f"== stage {name}", flush=True)
+        started = time.perf_counter()
+        try:
+            results[name] = STAGES[name](spec, results)
+        except Exception as err:  # any failure is reported with its stage; the exit code says so
+            log.exception("stage %s failed", name)
+            print(f"error: stage '{name}' failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+        timings[name] = time.perf_counter() - started
+        print(f"== stage {name} done in {timings[name]:.1f}s", flush=True)
+    print("summary: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
