@@ -87,8 +87,11 @@ class LLM2VecGen(nn.Module):
         if backbone.model.config.hidden_size != config.hidden_size:
             raise ValueError(f"backbone hidden size {backbone.model.config.hidden_size} != saved {config.hidden_size}")
         self.config = config
-        self.backbone = backbone.model  # frozen; shared by the encoding and the reconstruction passes
+        # The frozen backbone is deliberately not a registered submodule: parameters(), state_dict(), the
+        # optimizer, DeepSpeed's broadcasts and checkpoints then see only what is trained. _apply moves it along.
+        object.__setattr__(self, "backbone", backbone.model)  # shared by the encoding and reconstruction passes
         self.backbone_info = backbone
+        self.cache_query_prefix = True  # see compression_states; False gives the plain single pass
         self.tokenizer = backbone.tokenizer
         self.tokenizer.add_special_tokens(
             {"additional_special_tokens": config.special_tokens}, replace_extra_special_tokens=False
@@ -129,10 +132,11 @@ class LLM2VecGen(nn.Module):
         return cls(backbone, config)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [self.special_embeddings, *self.reconstruction.parameters(), *self.alignment.parameters()]
+        return list(self.parameters())  # the backbone is not registered: see __init__
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: value for name, value in self.state_dict().items() if not name.startswith("backbone.")}
+    def _apply(self, fn, recurse=True):
+        self.backbone._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     @property
     def device(self) -> torch.device:
@@ -153,16 +157,31 @@ class LLM2VecGen(nn.Module):
 
     def compression_states(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         """h: the last hidden states at the C compression positions of [x ; t ; c]."""
-        batch = query_ids.shape[0]
+        batch, num_special = query_ids.shape[0], self.special_embeddings.shape[0]
         tokens = self.backbone.get_input_embeddings()(query_ids)  # (B, Lq, H)
         special = self.special_embeddings.to(self._dtype).expand(batch, -1, -1)  # (B, K, H)
-        inputs = torch.cat([tokens, special], dim=1)  # (B, Lq + K, H)
-        mask = torch.cat([query_mask, query_mask.new_ones(batch, special.shape[1])], dim=1)
+        mask = torch.cat([query_mask, query_mask.new_ones(batch, num_special)], dim=1)  # (B, Lq + K)
         # Positions count real tokens only, so left padding does not shift them: a text's embedding does not
         # depend on what else is in its batch.
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.backbone.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions)
-        return hidden.last_hidden_state[:, -self.config.compression_tokens :].float()  # (B, C, H)
+        if self.cache_query_prefix and torch.is_grad_enabled():
+            # The query comes before every trainable token in a causal model, so nothing trainable reaches it:
+            # run it once without gradient and run only the K special tokens with gradient on its keys/values.
+            with torch.no_grad():
+                prefix = self.backbone.base_model(
+                    inputs_embeds=tokens, attention_mask=query_mask, position_ids=positions[:, :-num_special], use_cache=True
+                )
+            hidden = self.backbone.base_model(
+                inputs_embeds=special,
+                attention_mask=mask,
+                position_ids=positions[:, -num_special:],
+                cache=prefix.cache,
+                use_cache=True,
+            ).last_hidden_state  # (B, K, H)
+        else:
+            inputs = torch.cat([tokens, special], dim=1)  # (B, Lq + K, H)
+            hidden = self.backbone.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
+        return hidden[:, -self.config.compression_tokens :].float()  # (B, C, H)
 
     def project(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (B, C, H) -> z (B, C, H) in input space, and the embedding e (B, D)."""
@@ -282,7 +301,7 @@ class LLM2VecGen(nn.Module):
         """A small folder: the trained rows and projections (safetensors) and llm2vec_gen.json. No pickle."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {name: value.detach().cpu().contiguous() for name, value in self.trainable_state_dict().items()}
+        tensors = {name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()}
         save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "llm2vec-gen-ray"})
         (path / CONFIG_FILE).write_text(
             json.dumps({**self.config.model_dump(mode="json"), "special_tokens": self.config.special_tokens}, indent=2)
@@ -304,10 +323,10 @@ class LLM2VecGen(nn.Module):
                 f"(fingerprint {backbone.fingerprint[:16]} != {config.backbone_fingerprint[:16]})"
             )
         model = cls(backbone, config)
-        missing, unexpected = model.load_state_dict(load_file(path / WEIGHTS_FILE), strict=False)
-        missing = [name for name in missing if not name.startswith("backbone.")]
-        if missing or unexpected:
-            raise ValueError(f"{path}/{WEIGHTS_FILE}: missing {missing}, unexpected {unexpected}")
+        try:
+            model.load_state_dict(load_file(path / WEIGHTS_FILE))
+        except RuntimeError as err:
+            raise ValueError(f"{path}/{WEIGHTS_FILE}: does not match {CONFIG_FILE}: {err}") from None
         return model
 
 

@@ -32,14 +32,14 @@ def train(model: LLM2VecGen, steps: int, lr: float = 1e-2, teacher: torch.Tensor
 def test_training_changes_only_special_rows_and_projections(make_tiny_model, architecture):
     model = make_tiny_model(architecture)
     backbone_before = {name: tensor.clone() for name, tensor in model.backbone.state_dict().items()}
-    trainable_before = {name: tensor.clone() for name, tensor in model.trainable_state_dict().items()}
+    trainable_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
     train(model, steps=4)
 
     for name, tensor in model.backbone.state_dict().items():
         assert torch.equal(tensor, backbone_before[name]), f"backbone weight {name} changed"
     assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
-    for name, tensor in model.trainable_state_dict().items():
+    for name, tensor in model.state_dict().items():
         assert not torch.equal(tensor, trainable_before[name]), f"trainable {name} did not change"
 
 
@@ -48,7 +48,8 @@ def test_only_special_rows_and_projections_are_trainable(make_tiny_model):
     hidden, special = model.config.hidden_size, model.config.thought_tokens + model.config.compression_tokens
     expected = special * hidden + (hidden * hidden + hidden) + (hidden * 16 + 16)
     assert sum(p.numel() for p in model.trainable_parameters()) == expected
-    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.trainable_parameters()}
+    assert all(p.requires_grad for p in model.trainable_parameters())
+    assert set(model.state_dict()) == {"special_embeddings", "reconstruction.weight", "reconstruction.bias", "alignment.weight", "alignment.bias"}
     # the vocabulary matrix is not resized: special tokens are spliced in as their own rows
     assert model.backbone.get_input_embeddings().weight.shape[0] == model.backbone.config.vocab_size
 
@@ -179,3 +180,23 @@ def test_normalized_embeddings_have_unit_norm(make_tiny_model):
     embeddings = make_tiny_model("qwen2").encode(QUERIES, normalize=True)
     assert embeddings.shape == (8, 16) and embeddings.dtype == np.float32
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_cached_query_prefix_gives_the_same_loss_and_gradients_as_one_full_pass(make_tiny_model, architecture):
+    model = make_tiny_model(architecture)
+    queries = ["short", "a much longer query that pads the others", "mid length one"]
+    batch = model.collate(queries, ["a", "bb", "ccc"], torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), 16)
+
+    def loss_and_grads(cached: bool):
+        model.cache_query_prefix = cached
+        model.zero_grad()
+        losses = model(batch)
+        losses.total.backward()
+        return losses.total.item(), [p.grad.clone() for p in model.trainable_parameters()]
+
+    cached_loss, cached_grads = loss_and_grads(True)
+    plain_loss, plain_grads = loss_and_grads(False)
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
+    for cached, plain in zip(cached_grads, plain_grads, strict=True):
+        assert torch.allclose(cached, plain, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,87 @@
+"""MLflow: where runs are tracked, the spec as params, and the model registry (`models:/<name>/<version>`).
+
+Local by default: a SQLite store and an artifact folder inside the run folder. MLFLOW_TRACKING_URI or
+`tracking.tracking_uri` in the spec switch to a server.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from components.spec import Spec
+
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+def tracking_uri(spec: Spec) -> str:
+    if spec.tracking.tracking_uri:
+        return spec.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(spec.run_dir / 'mlflow.db').resolve()}"
+
+
+def start_run(spec: Spec, run_name: str, run_id: str | None = None, parent_run_id: str | None = None):
+    """Open (or reopen, on resume) the MLflow run for a training, with the spec's experiment."""
+    import mlflow
+
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri(spec))
+    experiment = mlflow.get_experiment_by_name(spec.tracking.experiment)
+    if experiment is None:
+        # With a local store, artifacts live beside it in the run folder instead of ./mlruns of the caller.
+        location = None if spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") else (spec.run_dir / "mlartifacts").resolve().as_uri()
+        experiment_id = mlflow.create_experiment(spec.tracking.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    return mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=run_name, tags=tags)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"training": {"lr": 1}} -> {"training.lr": "1"}; MLflow params are flat strings."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def log_and_register_model(model_dir: Path, spec: Spec) -> tuple[str | None, str | None]:
+    """Log the model folder as an MLflow pyfunc model (code, not pickle) and register it; returns (uri, version)."""
+    import mlflow
+
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PYFUNC_CODE),
+        artifacts={"model_dir": str(model_dir)},
+        registered_model_name=spec.tracking.registered_model_name,
+    )
+    version = getattr(info, "registered_model_version", None)
+    if spec.tracking.registered_model_name and version is not None:
+        return f"models:/{spec.tracking.registered_model_name}/{version}", str(version)
+    return info.model_uri, None
+
+
+def download_registered_model(uri: str) -> Path:
+    """The local model folder behind `models:/<name>/<version>` (or any MLflow model URI)."""
+    import mlflow
+
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    for candidate in [root, *sorted(root.glob("artifacts/*"))]:
+        if (candidate / "llm2vec_gen.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{uri}: no LLM2Vec-Gen model folder inside the downloaded artifacts at {root}")
+
+
+def resolve_model(reference: str | os.PathLike) -> Path:
+    """A model folder path, or an MLflow `models:/` / `runs:/` URI downloaded to a local folder."""
+    text = str(reference)
+    if text.startswith(("models:/", "runs:/")):
+        return download_registered_model(text)
+    return Path(text)

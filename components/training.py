@@ -1,0 +1,111 @@
+"""Pieces of the training loop that are plain functions: batching, the LR schedule, DeepSpeed's config, metrics.
+
+The loop itself (Ray Train + DeepSpeed + MLflow) is in workflows/train.py.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from components.spec import TrainingSpec
+
+
+@dataclass(frozen=True)
+class Row:
+    """One training example: a query, the frozen LLM's response to it, and the teacher's vector of the response."""
+
+    id: str
+    query: str
+    response: str
+    teacher: tuple[float, ...]
+
+
+def micro_batches(lengths: list[int], micro_batch_size: int, seed: int, epoch: int, group: int = 32) -> list[list[int]]:
+    """Row indices in micro batches for one epoch, grouped by length so that little compute goes to padding.
+
+    Rows are shuffled, cut into windows of `group` micro batches, sorted by length inside each window, cut
+    into micro batches, and the micro batches shuffled: random order, similar lengths within a batch. The
+    result depends only on (lengths, seed, epoch), so a resumed run sees exactly the batches it would have.
+    A last incomplete micro batch is dropped so that every optimizer step has the same batch size.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = micro_batch_size * group
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
+    batches = [batch for batch in batches if len(batch) == micro_batch_size]
+    rng.shuffle(batches)
+    return batches
+
+
+def batch_schedule(lengths: list[int], spec: TrainingSpec, rank: int, world_size: int):
+    """Yield (step, micro_index, row indices) for this worker, from step 0 on, epoch after epoch.
+
+    Global micro batch g goes to worker g % world_size; each optimizer step consumes
+    grad_accumulation * world_size global micro batches.
+    """
+    per_step = spec.grad_accumulation * world_size
+    epoch, position, batches = 0, 0, micro_batches(lengths, spec.micro_batch_size, spec.seed, 0)
+    if len(batches) < per_step:
+        raise ValueError(
+            f"training.batch_size {spec.batch_size} needs at least {spec.batch_size} rows, got {len(lengths)}"
+        )
+    step = 0
+    while True:
+        for micro in range(spec.grad_accumulation):
+            if position + per_step > len(batches):
+                epoch, position = epoch + 1, 0
+                batches = micro_batches(lengths, spec.micro_batch_size, spec.seed, epoch)
+            yield step, micro, batches[position + micro * world_size + rank]
+        position += per_step
+        step += 1
+
+
+def lr_factor(step: int, warmup_steps: int, schedule_steps: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at schedule_steps (the stop step may come earlier)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, schedule_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(spec: TrainingSpec) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": spec.grad_accumulation,
+        "gradient_clipping": spec.grad_clip,
+        "zero_optimization": {"stage": spec.zero_stage},
+        "bf16": {"enabled": spec.precision == "bf16"},
+        # We hand DeepSpeed a plain torch AdamW: the fused DeepSpeed optimizers need a GPU.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+@torch.no_grad()
+def embedding_metrics(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """In-batch agreement of student and teacher embeddings, and a collapse signal.
+
+    cos_positive: mean cos(e_i, t_i); cos_negative: mean cos(e_i, t_j), i != j; cos_student_pairs: mean
+    cos(e_i, e_j), i != j (near 1 means every text gets the same embedding: collapse).
+    """
+    s, t = F.normalize(student.float(), dim=-1), F.normalize(teacher.float(), dim=-1)
+    cross, self_similarity = s @ t.T, s @ s.T  # (B, B)
+    batch = student.shape[0]
+    off_diagonal = ~torch.eye(batch, dtype=torch.bool, device=student.device)
+    return {
+        "cos_positive": cross.diagonal().mean().item(),
+        "cos_negative": cross[off_diagonal].mean().item() if batch > 1 else float("nan"),
+        "cos_student_pairs": self_similarity[off_diagonal].mean().item() if batch > 1 else float("nan"),
+        "student_norm": student.float().norm(dim=-1).mean().item(),
+        "teacher_norm": teacher.float().norm(dim=-1).mean().item(),
+    }

@@ -1,0 +1,227 @@
+"""Training stage: Ray Train TorchTrainer, DeepSpeed inside the loop, MLflow on rank 0.
+
+    run_train(spec, rows, embedding_dim) -> model folder
+
+Only the K special-token rows and the two projections are optimised. Checkpoints (via ray.train.report)
+hold only those, DeepSpeed's optimizer and scheduler state, and the step; the step fixes the data position
+because the batch order is a pure function of (rows, seed, epoch). A lost worker resumes from the last
+checkpoint (FailureConfig); running the same spec again resumes the same Ray Train run by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.spec import Spec, validate_spec
+from components.training import Row
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+
+
+def training_run_name(spec: Spec, rows_fingerprint: str) -> str:
+    """Same spec and same rows -> same name -> Ray Train restores instead of starting over."""
+    return f"train-{spec.fingerprint('backbone', 'teacher', 'tokens', 'loss', 'model', 'training')}-{rows_fingerprint[:8]}"
+
+
+def run_train(spec: Spec, rows: list[Row], embedding_dim: int, rows_fingerprint: str) -> dict[str, Any]:
+    """Train on `rows` with Ray Train; returns where the model is and the MLflow run."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    name = training_run_name(spec, rows_fingerprint)
+    output = (spec.run_dir / "train" / name).resolve()
+    model_dir = output / MODEL_DIR
+    if (model_dir / "llm2vec_gen.json").is_file():
+        log.info("training: %s exists, skipping", model_dir)
+        return json.loads((output / "result.json").read_text())
+    dataset = ray.data.from_items([row.__dict__ | {"teacher": list(row.teacher)} for row in rows])
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec.to_dict(),
+            "embedding_dim": embedding_dim,
+            "output": str(output),
+            "name": name,
+            "fail_at": os.environ.get("LLM2VEC_GEN_FAIL_AT_STEP"),
+        },
+        scaling_config=ScalingConfig(num_workers=spec.training.num_workers, use_gpu=spec.training.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if spec.training.use_gpu else "gloo"),
+        # Every worker reads all rows and takes its own share of a global, deterministic batch order.
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=[]),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str((spec.run_dir / "ray_train").resolve()),
+            failure_config=FailureConfig(max_failures=spec.training.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    summary = json.loads((output / "result.json").read_text())
+    return summary
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+
+    from components.backbone import load_backbone
+    from components.model import LLM2VecGen
+    from components.training import batch_schedule, deepspeed_config, embedding_metrics, lr_factor
+
+    spec = validate_spec(config["spec"], source="train_loop_config")
+    training = spec.training
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    output = Path(config["output"])
+    torch.manual_seed(training.seed)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+    model = LLM2VecGen.from_spec(spec, embedding_dim=config["embedding_dim"], backbone=load_backbone(spec.backbone))
+    device = torch.device("cuda", torch.cuda.current_device()) if training.use_gpu else torch.device("cpu")
+    model.to(device)
+    rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda row: row["id"])
+    lengths = [len(row["response"]) + len(row["query"]) for row in rows]
+
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=training.lr, weight_decay=training.weight_decay)
+    schedule_steps = training.schedule_steps or training.max_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, training.warmup_steps, schedule_steps)
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(training), dist_init_required=False
+    )
+
+    start_step, run_id = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            _, client_state = engine.load_checkpoint(folder, tag="state")
+            start_step, run_id = client_state["step"], client_state.get("mlflow_run_id")
+        log.info("rank %d resumed at step %d", rank, start_step)
+
+    tracker = _Tracker(spec, config["name"], run_id) if rank == 0 and spec.tracking.enabled else None
+    weights = (spec.loss.reconstruction, spec.loss.alignment)
+    window: dict[str, list[float]] = {}
+    tokens, samples, window_start, grad_norm = 0, 0, time.perf_counter(), 0.0
+    for step, micro, indices in batch_schedule(lengths, training, rank, world_size):
+        if step < start_step:
+            continue
+        if step >= training.max_steps:
+            break
+        chosen = [rows[i] for i in indices]
+        batch = model.collate(
+            [r["query"] for r in chosen], [r["response"] for r in chosen], [r["teacher"] for r in chosen], training.max_response_tokens
+        )
+        losses = engine(batch, weights)
+        engine.backward(losses.total)
+        if engine.is_gradient_accumulation_boundary():
+            grad_norm = _grad_norm(model)
+        engine.step()
+        tokens += int(batch.query_mask.sum() + batch.response_mask.sum())
+        samples += len(chosen)
+        for key, value in {
+            "loss": losses.total.item(),
+            "reconstruction_loss": losses.reconstruction.item(),
+            "alignment_loss": losses.alignment.item(),
+            **embedding_metrics(losses.embedding, batch.teacher),
+        }.items():
+            window.setdefault(key, []).append(value)
+        if micro != training.grad_accumulation - 1:
+            continue
+
+        done = step + 1
+        elapsed = time.perf_counter() - window_start
+        metrics = {key: sum(values) / len(values) for key, values in window.items()}
+        metrics |= {
+            "step": done,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "samples_per_s": samples * world_size / elapsed,
+            "tokens_per_s": tokens * world_size / elapsed,
+        }
+        if tracker:
+            tracker.log(metrics, done)
+        _maybe_inject_failure(config.get("fail_at"), done, rank, world_size)
+        if done % training.checkpoint_every == 0 or done == training.max_steps:
+            _report_checkpoint(engine, metrics, done, tracker.run_id if tracker else None, rank)
+        elif done % training.log_every == 0:
+            ray.train.report(metrics)
+        window, tokens, samples, window_start = {}, 0, 0, time.perf_counter()
+
+    if rank == 0:
+        model.save(output / MODEL_DIR)
+        summary = {"model_dir": str(output / MODEL_DIR), "steps": training.max_steps}
+        if tracker:
+            summary |= tracker.finish(output / MODEL_DIR)
+        (output / "result.json").write_text(json.dumps(summary, indent=2))
+
+
+def _report_checkpoint(engine, metrics: dict[str, float], step: int, run_id: str | None, rank: int) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as folder:
+        # Only the trained tensors, optimizer and scheduler state: the frozen backbone is never copied.
+        engine.save_checkpoint(folder, tag="state", client_state={"step": step, "mlflow_run_id": run_id})
+        written = any(Path(folder).rglob("*.pt"))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if written else None)
+
+
+def _maybe_inject_failure(fail_at: str | None, step: int, rank: int, world_size: int) -> None:
+    """Fault injection for the recovery test: LLM2VEC_GEN_FAIL_AT_STEP="STEP:MARKER" kills the last worker once."""
+    if not fail_at:
+        return
+    at, marker = fail_at.split(":", 1)
+    if step == int(at) and rank == world_size - 1 and not Path(marker).exists():
+        Path(marker).touch()
+        os._exit(1)
+
+
+def _grad_norm(model) -> float:
+    grads = [p.grad.detach().float().norm() for p in model.trainable_parameters() if p.grad is not None]
+    return torch.stack(grads).norm().item() if grads else 0.0
+
+
+class _Tracker:
+    """The rank-0 MLflow run of one training: params once, metrics per step, artifacts and registry at the end."""
+
+    def __init__(self, spec: Spec, name: str, run_id: str | None):
+        import mlflow
+
+        from components.tracking import flatten, start_run
+
+        self.spec = spec
+        self.run = start_run(spec, run_name=name, run_id=run_id)
+        self.run_id = self.run.info.run_id
+        if run_id is None:
+            mlflow.log_params(flatten(spec.to_dict()))
+            mlflow.log_text(spec.to_yaml(), "spec.yaml")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import mlflow
+
+        mlflow.log_metrics({key: value for key, value in metrics.items() if key != "step" and value == value}, step=step)
+
+    def finish(self, model_dir: Path) -> dict[str, Any]:
+        import mlflow
+
+        from components.tracking import log_and_register_model, tracking_uri
+
+        mlflow.log_artifacts(str(model_dir), "model_folder")
+        model_uri, version = log_and_register_model(model_dir, self.spec)
+        mlflow.end_run()
+        return {"mlflow_run_id": self.run_id, "mlflow_tracking_uri": tracking_uri(self.spec), "model_uri": model_uri, "registered_version": version}
