@@ -5,6 +5,7 @@ The loop itself (Ray Train + DeepSpeed + MLflow) is in workflows/train.py.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -23,6 +24,15 @@ class Row:
     query: str
     response: str
     teacher: tuple[float, ...]
+
+
+def split_holdout(rows: list[Row], fraction: float) -> tuple[list[Row], list[Row]]:
+    """(train, held out) by a hash of each row's id: stable across runs, independent of row order."""
+    if fraction <= 0:
+        return rows, []
+    def held(row: Row) -> bool:
+        return int(hashlib.sha1(row.id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+    return [row for row in rows if not held(row)], [row for row in rows if held(row)]
 
 
 def micro_batches(lengths: list[int], micro_batch_size: int, seed: int, epoch: int, group: int = 32) -> list[list[int]]:
@@ -109,3 +119,33 @@ def embedding_metrics(student: torch.Tensor, teacher: torch.Tensor) -> dict[str,
         "student_norm": student.float().norm(dim=-1).mean().item(),
         "teacher_norm": teacher.float().norm(dim=-1).mean().item(),
     }
+
+
+@torch.no_grad()
+def holdout_metrics(model, rows: list[dict], spec: TrainingSpec, weights: tuple[float, float]) -> dict[str, float]:
+    """Losses and agreement on held-out rows: the proxy that sweeps and settings are chosen by."""
+    totals = {"reconstruction_loss": 0.0, "alignment_loss": 0.0}
+    students, teachers, count = [], [], 0
+    for start in range(0, len(rows), spec.micro_batch_size):
+        chunk = rows[start : start + spec.micro_batch_size]
+        batch = model.collate([r["query"] for r in chunk], [r["response"] for r in chunk], [r["teacher"] for r in chunk], spec.max_response_tokens)
+        losses = model(batch, weights)
+        totals["reconstruction_loss"] += losses.reconstruction.item() * len(chunk)
+        totals["alignment_loss"] += losses.alignment.item() * len(chunk)
+        students.append(losses.embedding)
+        teachers.append(batch.teacher)
+        count += len(chunk)
+    agreement = embedding_metrics(torch.cat(students), torch.cat(teachers))
+    return {f"holdout_{key}": value / count for key, value in totals.items()} | {
+        f"holdout_{key}": value for key, value in agreement.items()
+    }
+
+
+def decoded_samples(model, rows: list[dict], max_new_tokens: int = 32) -> str:
+    """What a few held-out queries' compression vectors decode to, next to the response they should resemble."""
+    if not rows:
+        return ""
+    decoded = model.decode([r["query"] for r in rows], max_new_tokens=max_new_tokens)
+    return "\n\n".join(
+        f"query:    {r['query']}\nresponse: {r['response'][:300]}\ndecoded:  {text}" for r, text in zip(rows, decoded, strict=True)
+    )

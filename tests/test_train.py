@@ -40,7 +40,7 @@ def ray_session():
 
 
 def test_two_worker_deepspeed_run_lowers_loss_and_is_tracked_and_registered(ray_session, tmp_path):
-    spec = spec_for(tmp_path)
+    spec = spec_for(tmp_path, "data.holdout_fraction=0.25")
     result = run_train(spec, ROWS, embedding_dim=64, rows_fingerprint="rows-a")
 
     mlflow.set_tracking_uri(result["mlflow_tracking_uri"])
@@ -54,7 +54,11 @@ def test_two_worker_deepspeed_run_lowers_loss_and_is_tracked_and_registered(ray_
                    "cos_positive", "cos_negative", "cos_student_pairs", "student_norm"]:
         assert metric in run.data.metrics, metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"spec.yaml", "model_folder"} <= artifacts
+    assert {"spec.yaml", "model_folder", "decoded"} <= artifacts
+    decoded = {a.path for a in client.list_artifacts(run.info.run_id, "decoded")}
+    assert decoded == {f"decoded/step_{step:06d}.txt" for step in (4, 8, 12)}
+    held_out = client.get_metric_history(run.info.run_id, "holdout_reconstruction_loss")
+    assert [m.step for m in held_out] == [4, 8, 12] and all(m.value > 0 for m in held_out)
 
     assert result["model_uri"] == "models:/tiny-embedder/1"
     registered = LLM2VecGen.load(resolve_model(result["model_uri"]))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from components.spec import Spec, validate_spec
-from components.training import Row
+from components.training import Row, split_holdout
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ def training_run_name(spec: Spec, rows_fingerprint: str) -> str:
 
 def run_train(spec: Spec, rows: list[Row], embedding_dim: int, rows_fingerprint: str) -> dict[str, Any]:
     """Train on `rows` with Ray Train; returns where the model is and the MLflow run."""
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -45,7 +44,8 @@ def run_train(spec: Spec, rows: list[Row], embedding_dim: int, rows_fingerprint:
     if (model_dir / "llm2vec_gen.json").is_file():
         log.info("training: %s exists, skipping", model_dir)
         return json.loads((output / "result.json").read_text())
-    dataset = ray.data.from_items([row.__dict__ | {"teacher": list(row.teacher)} for row in rows])
+    train_rows, holdout_rows = split_holdout(rows, spec.data.holdout_fraction)
+    datasets = {"train": _dataset(train_rows)} | ({"holdout": _dataset(holdout_rows)} if holdout_rows else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -54,11 +54,12 @@ def run_train(spec: Spec, rows: list[Row], embedding_dim: int, rows_fingerprint:
             "output": str(output),
             "name": name,
             "fail_at": os.environ.get("LLM2VEC_GEN_FAIL_AT_STEP"),
+            "datasets": sorted(datasets),
         },
         scaling_config=ScalingConfig(num_workers=spec.training.num_workers, use_gpu=spec.training.use_gpu),
         torch_config=TorchConfig(backend="nccl" if spec.training.use_gpu else "gloo"),
         # Every worker reads all rows and takes its own share of a global, deterministic batch order.
-        datasets={"train": dataset},
+        datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(
             name=name,
@@ -74,13 +75,26 @@ def run_train(spec: Spec, rows: list[Row], embedding_dim: int, rows_fingerprint:
     return summary
 
 
+def _dataset(rows: list[Row]):
+    import ray.data
+
+    return ray.data.from_items([row.__dict__ | {"teacher": list(row.teacher)} for row in rows])
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
 
     from components.backbone import load_backbone
     from components.model import LLM2VecGen
-    from components.training import batch_schedule, deepspeed_config, embedding_metrics, lr_factor
+    from components.training import (
+        batch_schedule,
+        decoded_samples,
+        deepspeed_config,
+        embedding_metrics,
+        holdout_metrics,
+        lr_factor,
+    )
 
     spec = validate_spec(config["spec"], source="train_loop_config")
     training = spec.training
@@ -95,6 +109,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.to(device)
     rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda row: row["id"])
     lengths = [len(row["response"]) + len(row["query"]) for row in rows]
+    holdout_shard = ray.train.get_dataset_shard("holdout") if "holdout" in config["datasets"] else None
+    holdout = sorted(holdout_shard.iter_rows(), key=lambda row: row["id"]) if holdout_shard else []
+    eval_every = training.eval_every or training.checkpoint_every
 
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=training.lr, weight_decay=training.weight_decay)
     schedule_steps = training.schedule_steps or training.max_steps
@@ -153,6 +170,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "samples_per_s": samples * world_size / elapsed,
             "tokens_per_s": tokens * world_size / elapsed,
         }
+        if rank == 0 and holdout and (done % eval_every == 0 or done == training.max_steps):
+            metrics |= holdout_metrics(model, holdout, training, weights)
+            if tracker and training.decode_samples:
+                tracker.log_text(decoded_samples(model, holdout[: training.decode_samples]), f"decoded/step_{done:06d}.txt")
         if tracker:
             tracker.log(metrics, done)
         _maybe_inject_failure(config.get("fail_at"), done, rank, world_size)
@@ -215,6 +236,11 @@ class _Tracker:
         import mlflow
 
         mlflow.log_metrics({key: value for key, value in metrics.items() if key != "step" and value == value}, step=step)
+
+    def log_text(self, text: str, path: str) -> None:
+        import mlflow
+
+        mlflow.log_text(text, path)
 
     def finish(self, model_dir: Path) -> dict[str, Any]:
         import mlflow
