@@ -104,6 +104,10 @@ def test_command_line_overrides_are_typed_and_validated(tmp_path):
         load_spec(path, ["training.lrate=1"])
     with pytest.raises(SpecError, match="expected dotted.key=value"):
         load_spec(path, ["training.lr"])
+    spec = load_spec(path, ["data.sources=[{path: a.jsonl, text_field: q}]", "data.sources[0].limit=5"])
+    assert spec.data.sources[0].limit == 5
+    with pytest.raises(SpecError, match=r"data.sources\[3\] does not exist"):
+        load_spec(path, ["data.sources=[]", "data.sources[3].path=x"])
     with pytest.raises(SpecError, match="training.lr is not a section"):
         load_spec(path, ["training.lr=1", "training.lr.x=1"])
 

@@ -1,15 +1,19 @@
 """The main job: run the stages of a spec in order.
 
-    python -m workflows.run SPEC [--set key=value ...] [--stages a,b] [--dry-run] [--print-spec]
+    python -m workflows.run SPEC [--set key=value ...] [--stages generate,teach,train] [--dry-run] [--print-spec]
 
-A bad spec exits with status 2 and a message naming the key; a failing stage exits with status 1 and names
-the stage. Stages added by later work (generate, teach, train, evaluate, register) plug into STAGES.
+generate (the frozen LLM answers the queries) -> teach (the teacher embeds the answers) -> train (Ray Train +
+DeepSpeed; MLflow run and registered model). Each stage is skipped when its output exists for the same
+inputs, so a rerun after a failure continues where it stopped. Connects to the cluster in RAY_ADDRESS (as under
+`ray job submit`), else starts a local Ray on loopback. A bad spec exits with status 2 and a message naming the
+key; a failing stage exits with status 1 and names the stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,10 +26,9 @@ log = logging.getLogger("workflows.run")
 
 def stage_check(spec: Spec, _results: dict[str, Any]) -> dict[str, Any]:
     """Load the backbone, build the (untrained) model, and encode and decode a few texts."""
-    from components.teacher import teacher_dimension
-
     from components.backbone import load_backbone
     from components.model import LLM2VecGen
+    from components.teacher import teacher_dimension
 
     started = time.perf_counter()
     backbone = load_backbone(spec.backbone)
@@ -44,8 +47,35 @@ def stage_check(spec: Spec, _results: dict[str, Any]) -> dict[str, Any]:
     return {"backbone_load_s": load_seconds, "embedding_dim": model.config.embedding_dim}
 
 
-STAGES: dict[str, Callable[[Spec, dict[str, Any]], Any]] = {"check": stage_check}
-DEFAULT_STAGES = ["check"]
+def stage_generate(spec: Spec, _results: dict[str, Any]) -> dict[str, Any]:
+    from workflows.generate import run_generate
+
+    return {"responses": str(run_generate(spec))}
+
+
+def stage_teach(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
+    from workflows.generate import run_teach
+
+    responses = results.get("generate", {}).get("responses")
+    return {"targets": str(run_teach(spec, responses))}
+
+
+def stage_train(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
+    from workflows.generate import run_teach
+    from workflows.train import rows_from_targets, run_train
+
+    targets = results.get("teach", {}).get("targets") or run_teach(spec)
+    rows, dimension, fingerprint = rows_from_targets(targets)
+    return run_train(spec, rows, embedding_dim=dimension, rows_fingerprint=fingerprint)
+
+
+STAGES: dict[str, Callable[[Spec, dict[str, Any]], Any]] = {
+    "check": stage_check,
+    "generate": stage_generate,
+    "teach": stage_teach,
+    "train": stage_train,
+}
+DEFAULT_STAGES = ["generate", "teach", "train"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --stages: unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _connect_ray(stages)
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for name in stages:
@@ -91,8 +122,33 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         timings[name] = time.perf_counter() - started
         print(f"== stage {name} done in {timings[name]:.1f}s", flush=True)
-    print("summary: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items()))
+    print(summary(spec, results, timings))
     return 0
+
+
+def _connect_ray(stages: list[str]) -> None:
+    if stages == ["check"]:
+        return
+    # Loopback only on a local machine (see README); RAY_ADDRESS, set by `ray job submit`, wins when present.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def summary(spec: Spec, results: dict[str, Any], timings: dict[str, float]) -> str:
+    lines = [f"== summary of {spec.name}"]
+    train = results.get("train") or {}
+    for label, key in [("model", "model_dir"), ("registered", "model_uri"), ("mlflow run", "mlflow_run_id"),
+                       ("mlflow store", "mlflow_tracking_uri")]:
+        if train.get(key):
+            lines.append(f"  {label:<12} {train[key]}")
+    if train.get("mlflow_tracking_uri"):
+        lines.append(f"  open with:   mlflow ui --backend-store-uri {train['mlflow_tracking_uri']}")
+    lines.append("  stage        seconds")
+    lines += [f"  {name:<12} {seconds:8.1f}" for name, seconds in timings.items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

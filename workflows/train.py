@@ -28,6 +28,23 @@ log = logging.getLogger(__name__)
 MODEL_DIR = "model"
 
 
+def rows_from_targets(folder: str | Path) -> tuple[list[Row], int, str]:
+    """Training rows from the teach stage's output: (rows, teacher dimension, a fingerprint of the rows)."""
+    from components.stages import ShardedOutput
+
+    output = ShardedOutput.load(Path(folder))
+    table = output.read(columns=["id", "query", "response", "teacher"])
+    rows = [
+        Row(id=f"{record['id']:012d}" if isinstance(record["id"], int) else str(record["id"]),
+            query=record["query"], response=record["response"], teacher=tuple(record["teacher"]))
+        for record in table.to_pylist()
+        if record["response"].strip()  # an empty answer teaches nothing
+    ]
+    if not rows:
+        raise ValueError(f"{folder}: no rows with a non-empty response to train on")
+    return rows, len(rows[0].teacher), output.key
+
+
 def training_run_name(spec: Spec, rows_fingerprint: str) -> str:
     """Same spec and same rows -> same name -> Ray Train restores instead of starting over."""
     return f"train-{spec.fingerprint('backbone', 'teacher', 'tokens', 'loss', 'model', 'training')}-{rows_fingerprint[:8]}"
@@ -78,7 +95,10 @@ def run_train(spec: Spec, rows: list[Row], embedding_dim: int, rows_fingerprint:
 def _dataset(rows: list[Row]):
     import ray.data
 
-    return ray.data.from_items([row.__dict__ | {"teacher": list(row.teacher)} for row in rows])
+    dataset = ray.data.from_items([row.__dict__ | {"teacher": list(row.teacher)} for row in rows])
+    # Each worker reads these few in-memory rows once; a live progress bar per worker only floods the log.
+    dataset.context.enable_progress_bars = False
+    return dataset
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
