@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -96,6 +97,11 @@ class TeacherSpec(Section):
     path_in_package: str = ""
     normalize: bool = True
     batch_size: int = Field(64, ge=1)
+    max_tokens: int = Field(512, ge=1)  # truncation of each response for hf_mean_pool and backbone_mean_pool
+    # The teacher stage's Ray Data actor pool: one model load per actor.
+    num_actors: int = Field(1, ge=1)
+    num_cpus_per_actor: float = Field(1, gt=0)
+    num_gpus_per_actor: float = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _has_location(self) -> TeacherSpec:
@@ -148,6 +154,7 @@ class DataSourceSpec(Section):
     weight: float = Field(1.0, gt=0)
     limit: int | None = Field(None, ge=1)
     split: str | None = None
+    subset: str | None = None  # the configuration name of a Hugging Face dataset (format hf), e.g. "main"
 
     @model_validator(mode="after")
     def _one_text_rule(self) -> DataSourceSpec:
@@ -157,6 +164,8 @@ class DataSourceSpec(Section):
 
 
 class DataSpec(Section):
+    """The queries: sources mixed by weight when `limit` is set, sampled with `seed`, exact duplicates dropped."""
+
     sources: list[DataSourceSpec] = Field(default_factory=list)
     limit: int | None = Field(None, ge=1)
     seed: int = 0
@@ -180,6 +189,8 @@ class GenerationSpec(Section):
     num_actors: int = Field(1, ge=1)
     num_cpus_per_actor: float = Field(1, gt=0)
     num_gpus_per_actor: float = Field(0, ge=0)
+    # Queries per output file; a killed run restarts at the first missing file, so this bounds the lost work.
+    shard_size: int = Field(256, ge=1)
 
 
 class TrainingSpec(Section):
@@ -199,6 +210,9 @@ class TrainingSpec(Section):
     max_response_tokens: int = Field(128, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
+    # Held-out rows (data.holdout_fraction) are scored, and a few of them decoded, every eval_every steps.
+    eval_every: int | None = Field(None, ge=1)  # default: checkpoint_every
+    decode_samples: int = Field(4, ge=0)
     max_failures: int = Field(2, ge=0)
 
     @model_validator(mode="after")
@@ -234,19 +248,74 @@ class EvaluationSpec(Section):
 
 
 class ServingSpec(Section):
+    """The Ray Serve application (serve/): where it listens, its replicas, and the limits it enforces per request.
+
+    Limits are answered in OpenAI's error shape: more than max_inputs_per_request inputs, an input longer than
+    max_input_tokens (unless the request sets truncate) or a body over max_payload_bytes is a 413; more than
+    max_ongoing_requests requests held by one replica at once is a 429.
+    """
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     num_replicas: int = Field(1, ge=1)
+    # Autoscaling between num_replicas and max_replicas when set, aiming at target_ongoing_requests per replica.
+    max_replicas: int | None = Field(None, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int = Field(32, ge=1)  # texts collected across requests into one forward pass; 1 = no batching
     batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_batch_tokens: int = Field(8192, ge=1)
+    max_batch_tokens: int = Field(8192, ge=1)  # padded tokens (rows x longest row, special tokens included) per pass
+    # The fixed cost of one forward pass, in tokens: a collected batch of mixed lengths is split into passes of
+    # similar lengths where the padding saved is worth more than this (CPUs: tens; GPUs: far more).
+    pass_cost_tokens: int = Field(64, ge=0)
     max_inputs_per_request: int = Field(256, ge=1)
-    max_input_tokens: int = Field(512, ge=1)
+    max_input_tokens: int = Field(512, ge=1)  # also capped by the model's own max_query_tokens
     max_payload_bytes: int = Field(1_000_000, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
-    api_key_env: str | None = None
+    max_decode_tokens: int = Field(128, ge=1)  # the largest max_new_tokens POST /v1/decode accepts
+    max_decode_inputs: int = Field(8, ge=1)  # generation is ~max_new_tokens passes per input, so fewer than embeddings
+    served_model_name: str | None = None  # the `model` of requests and responses; default: the model folder's name
+    api_key_env: str | None = None  # name of an env var holding a bearer token; when set, requests need it (401)
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServingSpec:
+        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= num_replicas ({self.num_replicas})")
+        return self
+
+
+class SearchDimension(Section):
+    """One axis of a sweep: choice/grid over `values`, or uniform/loguniform over [low, high]."""
+
+    kind: Literal["choice", "grid", "uniform", "loguniform"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchDimension:
+        if self.kind in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"kind '{self.kind}' needs a non-empty values list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"kind '{self.kind}' needs low < high")
+        elif self.kind == "loguniform" and self.low <= 0:
+            raise ValueError("kind 'loguniform' needs low > 0")
+        return self
+
+
+class SweepSpec(Section):
+    """A Ray Tune search over any dotted spec keys; trials share the generate and teach stages."""
+
+    space: dict[str, SearchDimension]
+    metric: str = "holdout_reconstruction_loss"
+    mode: Literal["min", "max"] = "min"
+    num_trials: int = Field(4, ge=1)  # samples per grid point
+    max_concurrent: int = Field(1, ge=1)
+    asha: bool = True  # stop poor trials early
+    grace_period: int = Field(1, ge=1)  # reports before ASHA may stop a trial
+    reduction_factor: int = Field(2, ge=2)
 
 
 class Spec(Section):
@@ -266,6 +335,15 @@ class Spec(Section):
     tracking: TrackingSpec = TrackingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     serving: ServingSpec = ServingSpec()
+    sweep: SweepSpec | None = None
+
+    @model_validator(mode="after")
+    def _sweep_keys_exist(self) -> Spec:
+        for key in self.sweep.space if self.sweep else ():
+            parts = key.split(".")
+            if parts[0] == "sweep" or parts[-1] not in _fields_at(Spec, parts[:-1]):
+                raise ValueError(f"sweep.space: '{key}' is not a spec key")
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -342,6 +420,7 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Set one dotted key (list items by index: data.sources[0].path) to a YAML-parsed value."""
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise SpecError(f"--set {override!r}: expected dotted.key=value")
@@ -349,16 +428,33 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    parts = key.strip().split(".")
-    node = data
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise SpecError(f"--set {override!r}: {'.'.join(parts[: depth + 1])} is not a section")
-        node = child
-    node[parts[-1]] = value
+    steps: list[str | int] = []
+    for part in key.strip().split("."):
+        match = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", part)
+        if not match:
+            raise SpecError(f"--set {override!r}: cannot parse key part {part!r}")
+        steps.append(match.group(1))
+        steps += [int(index) for index in re.findall(r"\[(\d+)\]", match.group(2))]
+    node: Any = data
+    for depth, step in enumerate(steps[:-1]):
+        where = _format_path(steps[: depth + 1])
+        if isinstance(step, int):
+            if not isinstance(node, list) or step >= len(node):
+                raise SpecError(f"--set {override!r}: {where} does not exist")
+            node = node[step]
+            continue
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {override!r}: {_format_path(steps[:depth])} is not a section")
+        if node.get(step) is None:
+            node[step] = [] if isinstance(steps[depth + 1], int) else {}
+        node = node[step]
+    last = steps[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise SpecError(f"--set {override!r}: {_format_path(steps)} does not exist")
+    elif not isinstance(node, dict):
+        raise SpecError(f"--set {override!r}: {_format_path(steps[:-1])} is not a section")
+    node[last] = value
 
 
 # ------------------------------------------------------------------------------------------ error messages
@@ -402,6 +498,8 @@ def _describe(error: dict[str, Any]) -> str:
         expected = error.get("ctx", {}).get("expected", "")
         return f"{path}: must be one of {expected}, got {got}"
     message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    if not loc:  # a rule across sections: its message names the keys
+        return message
     if isinstance(error.get("input"), dict):  # a whole section failed a cross-field rule: the message says why
         return f"{path}: {message}"
     return f"{path}: {message} (got {got})"
@@ -409,7 +507,9 @@ def _describe(error: dict[str, Any]) -> str:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic adds the chosen branch of a union ("int", "function-after[...]") to the location
-    return isinstance(part, str) and ("[" in part or part in {"int", "str", "float", "bool", "none"})
+    return isinstance(part, str) and (
+        re.fullmatch(r"[\w-]+\[.*[(,].*\]", part) is not None or part in {"int", "str", "float", "bool", "none"}
+    )
 
 
 def _format_path(loc: list[Any]) -> str:

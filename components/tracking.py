@@ -13,6 +13,7 @@ from typing import Any
 from components.spec import Spec
 
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
+REQUIREMENTS = ["torch>=2.13", "transformers>=5.24", "safetensors", "pydantic>=2", "pyyaml", "numpy", "gguf", "accelerate"]
 
 
 def tracking_uri(spec: Spec) -> str:
@@ -52,20 +53,23 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def log_and_register_model(model_dir: Path, spec: Spec) -> tuple[str | None, str | None]:
-    """Log the model folder as an MLflow pyfunc model (code, not pickle) and register it; returns (uri, version)."""
+def log_and_register_model(model_dir: Path, spec: Spec, run_id: str) -> tuple[str, str | None]:
+    """Log the model folder; with tracking.registered_model_name also log it as an MLflow pyfunc model (code,
+    not pickle) and register it. Returns (a URI that resolve_model loads, the registered version or None)."""
     import mlflow
 
+    mlflow.log_artifacts(str(model_dir), "model_folder")
+    if not spec.tracking.registered_model_name:
+        return f"runs:/{run_id}/model_folder", None
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(PYFUNC_CODE),
         artifacts={"model_dir": str(model_dir)},
+        code_paths=[str(PYFUNC_CODE.parent)],  # the `components` package travels with the model
+        pip_requirements=REQUIREMENTS,  # stated, not inferred (inference starts a subprocess per log)
         registered_model_name=spec.tracking.registered_model_name,
     )
-    version = getattr(info, "registered_model_version", None)
-    if spec.tracking.registered_model_name and version is not None:
-        return f"models:/{spec.tracking.registered_model_name}/{version}", str(version)
-    return info.model_uri, None
+    return f"models:/{spec.tracking.registered_model_name}/{info.registered_model_version}", str(info.registered_model_version)
 
 
 def download_registered_model(uri: str) -> Path:

@@ -27,12 +27,16 @@ class Row:
 
 
 def split_holdout(rows: list[Row], fraction: float) -> tuple[list[Row], list[Row]]:
-    """(train, held out) by a hash of each row's id: stable across runs, independent of row order."""
-    if fraction <= 0:
+    """(train, held out): the round(fraction * n) rows (at least one) whose id hashes lowest.
+
+    Hashing ids keeps the choice independent of row order and stable across runs.
+    """
+    if fraction <= 0 or len(rows) < 2:
         return rows, []
-    def held(row: Row) -> bool:
-        return int(hashlib.sha1(row.id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
-    return [row for row in rows if not held(row)], [row for row in rows if held(row)]
+    count = max(1, round(fraction * len(rows)))
+    ranked = sorted(rows, key=lambda row: hashlib.sha1(row.id.encode()).hexdigest())
+    held = {row.id for row in ranked[:count]}
+    return [row for row in rows if row.id not in held], [row for row in rows if row.id in held]
 
 
 def micro_batches(lengths: list[int], micro_batch_size: int, seed: int, epoch: int, group: int = 32) -> list[list[int]]:

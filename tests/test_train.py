@@ -111,3 +111,14 @@ def test_lr_warms_up_then_decays_to_zero_at_the_schedule_end():
     assert lr_factor(9, 10, 100) == pytest.approx(1.0)
     assert lr_factor(55, 10, 100) == pytest.approx(0.5)
     assert lr_factor(100, 10, 100) == pytest.approx(0.0)
+
+
+def test_holdout_is_a_stable_exact_fraction_chosen_by_id():
+    from components.training import split_holdout
+
+    rows = [Row(id=f"{i:04d}", query="q", response="r", teacher=(0.0,)) for i in range(40)]
+    train, held = split_holdout(rows, 0.25)
+    assert len(held) == 10 and len(train) == 30 and not {r.id for r in train} & {r.id for r in held}
+    again_train, again_held = split_holdout(list(reversed(rows)), 0.25)
+    assert {r.id for r in again_held} == {r.id for r in held}
+    assert split_holdout(rows[:3], 0.01)[1] and split_holdout(rows, 0.0) == (rows, [])

@@ -50,8 +50,19 @@ def training_run_name(spec: Spec, rows_fingerprint: str) -> str:
     return f"train-{spec.fingerprint('backbone', 'teacher', 'tokens', 'loss', 'model', 'training')}-{rows_fingerprint[:8]}"
 
 
-def run_train(spec: Spec, rows: list[Row], embedding_dim: int, rows_fingerprint: str) -> dict[str, Any]:
-    """Train on `rows` with Ray Train; returns where the model is and the MLflow run."""
+def run_train(
+    spec: Spec,
+    rows: list[Row],
+    embedding_dim: int,
+    rows_fingerprint: str,
+    callbacks: list | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Train on `rows` with Ray Train; returns where the model is and the MLflow run.
+
+    `callbacks` go to the Ray Train run (a sweep passes Tune's report callback); `parent_run_id` nests the
+    MLflow run under a sweep's run.
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -72,6 +83,8 @@ def run_train(spec: Spec, rows: list[Row], embedding_dim: int, rows_fingerprint:
             "name": name,
             "fail_at": os.environ.get("LLM2VEC_GEN_FAIL_AT_STEP"),
             "datasets": sorted(datasets),
+            "parent_run_id": parent_run_id,
+            "in_sweep": bool(callbacks),
         },
         scaling_config=ScalingConfig(num_workers=spec.training.num_workers, use_gpu=spec.training.use_gpu),
         torch_config=TorchConfig(backend="nccl" if spec.training.use_gpu else "gloo"),
@@ -83,6 +96,7 @@ def run_train(spec: Spec, rows: list[Row], embedding_dim: int, rows_fingerprint:
             storage_path=str((spec.run_dir / "ray_train").resolve()),
             failure_config=FailureConfig(max_failures=spec.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
         ),
     )
     result = trainer.fit()
@@ -132,6 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     holdout_shard = ray.train.get_dataset_shard("holdout") if "holdout" in config["datasets"] else None
     holdout = sorted(holdout_shard.iter_rows(), key=lambda row: row["id"]) if holdout_shard else []
     eval_every = training.eval_every or training.checkpoint_every
+    in_sweep = config.get("in_sweep", False)
 
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=training.lr, weight_decay=training.weight_decay)
     schedule_steps = training.schedule_steps or training.max_steps
@@ -150,7 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start_step, run_id = client_state["step"], client_state.get("mlflow_run_id")
         log.info("rank %d resumed at step %d", rank, start_step)
 
-    tracker = _Tracker(spec, config["name"], run_id) if rank == 0 and spec.tracking.enabled else None
+    tracker = _Tracker(spec, config["name"], run_id, config.get("parent_run_id")) if rank == 0 and spec.tracking.enabled else None
     weights = (spec.loss.reconstruction, spec.loss.alignment)
     window: dict[str, list[float]] = {}
     tokens, samples, window_start, grad_norm = 0, 0, time.perf_counter(), 0.0
@@ -190,16 +205,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "samples_per_s": samples * world_size / elapsed,
             "tokens_per_s": tokens * world_size / elapsed,
         }
-        if rank == 0 and holdout and (done % eval_every == 0 or done == training.max_steps):
+        checkpointing = done % training.checkpoint_every == 0 or done == training.max_steps
+        reporting = checkpointing or done % training.log_every == 0
+        # Under a sweep every report must carry the held-out metric the scheduler compares trials by.
+        evaluating = done % eval_every == 0 or done == training.max_steps or (reporting and in_sweep)
+        if rank == 0 and holdout and evaluating:
             metrics |= holdout_metrics(model, holdout, training, weights)
             if tracker and training.decode_samples:
                 tracker.log_text(decoded_samples(model, holdout[: training.decode_samples]), f"decoded/step_{done:06d}.txt")
         if tracker:
             tracker.log(metrics, done)
         _maybe_inject_failure(config.get("fail_at"), done, rank, world_size)
-        if done % training.checkpoint_every == 0 or done == training.max_steps:
+        if checkpointing:
             _report_checkpoint(engine, metrics, done, tracker.run_id if tracker else None, rank)
-        elif done % training.log_every == 0:
+        elif reporting:
             ray.train.report(metrics)
         window, tokens, samples, window_start = {}, 0, 0, time.perf_counter()
 
@@ -240,13 +259,13 @@ def _grad_norm(model) -> float:
 class _Tracker:
     """The rank-0 MLflow run of one training: params once, metrics per step, artifacts and registry at the end."""
 
-    def __init__(self, spec: Spec, name: str, run_id: str | None):
+    def __init__(self, spec: Spec, name: str, run_id: str | None, parent_run_id: str | None):
         import mlflow
 
         from components.tracking import flatten, start_run
 
         self.spec = spec
-        self.run = start_run(spec, run_name=name, run_id=run_id)
+        self.run = start_run(spec, run_name=name, run_id=run_id, parent_run_id=parent_run_id)
         self.run_id = self.run.info.run_id
         if run_id is None:
             mlflow.log_params(flatten(spec.to_dict()))
@@ -267,7 +286,6 @@ class _Tracker:
 
         from components.tracking import log_and_register_model, tracking_uri
 
-        mlflow.log_artifacts(str(model_dir), "model_folder")
-        model_uri, version = log_and_register_model(model_dir, self.spec)
+        model_uri, version = log_and_register_model(model_dir, self.spec, self.run_id)
         mlflow.end_run()
         return {"mlflow_run_id": self.run_id, "mlflow_tracking_uri": tracking_uri(self.spec), "model_uri": model_uri, "registered_version": version}

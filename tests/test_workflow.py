@@ -1,0 +1,128 @@
+"""The workflow end to end: `ray job submit` of workflows.run on a local head, and a tiny Ray Tune sweep."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from components.model import LLM2VecGen
+from components.spec import load_spec
+
+NQ = Path("../shared/data/nq_open/NQ-open.dev.jsonl").resolve()
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A local head from `ray start --head --block` on loopback, in its own process group so that stopping it
+    stops only this head (`ray stop` would stop every Ray on the machine)."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    log = open(tmp_path / "ray-head.log", "w")
+    head = subprocess.Popen(
+        [f"{VENV_BIN}/ray", "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # Fresh ports for the node's agents too, so that another Ray on the machine cannot collide with them.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=5):
+                break
+        except urllib.error.HTTPError:  # answering at all (even 401 when Ray's token auth is on) means it is up
+            break
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                stop(head)
+                pytest.fail(f"ray head did not start: {(tmp_path / 'ray-head.log').read_text()[-2000:]}")
+            time.sleep(1)
+    yield env, address
+    stop(head)
+    log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop(head: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_runs_the_tiny_spec_and_produces_a_model(ray_head, tmp_path):
+    env, address = ray_head
+    output = tmp_path / "run"
+    command = [
+        f"{VENV_BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+        "python", "-m", "workflows.run", "specs/tiny.yaml",
+        "--set", f"output_dir={output}", "--set", f"data.sources[0].path={NQ}", "--set", "data.limit=12",
+    ]
+    # `ray start --head` turns on token auth (token in ~/.ray/auth_token); the client sends it in token mode.
+    deadline = time.monotonic() + 120
+    while True:
+        result = subprocess.run(command, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=900, check=False)
+        # The head's HTTP server answers before its node's job agent has registered; only that case is retried.
+        if "No available agent to submit job" not in result.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    model_dirs = list(output.glob("train/*/model"))
+    assert len(model_dirs) == 1
+    assert LLM2VecGen.load(model_dirs[0]).encode(["is it raining?"]).shape == (1, 64)
+    summary = json.loads((model_dirs[0].parent / "result.json").read_text())
+    assert summary["steps"] == load_spec("specs/tiny.yaml").training.max_steps
+
+
+def test_a_tiny_sweep_runs_each_trial_under_one_parent_run_and_writes_the_best_spec(tmp_path):
+    from workflows.sweep import main
+
+    sweep = "{space: {training.lr: {kind: grid, values: [0.002, 0.02]}}, metric: holdout_reconstruction_loss, mode: min, num_trials: 1, asha: false}"
+    args = ["specs/tiny.yaml", "--set", f"output_dir={tmp_path}", "--set", f"data.sources[0].path={NQ}",
+            "--set", "data.limit=16", "--set", "data.holdout_fraction=0.25", "--set", "training.max_steps=4",
+            "--set", "training.checkpoint_every=2", "--set", f"sweep={sweep}"]
+    try:
+        assert main(args) == 0
+    finally:
+        import ray
+
+        ray.shutdown()
+    best = yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())
+    assert best["training"]["lr"] in (0.002, 0.02) and best["sweep"] is None
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["llm2vec-gen-tiny"])
+    parents = runs[runs["tags.mlflow.runName"].str.startswith("sweep-")]
+    assert len(parents) == 1
+    children = runs[runs["tags.mlflow.parentRunId"] == parents.iloc[0]["run_id"]]
+    assert sorted(children["params.training.lr"]) == ["0.002", "0.02"]
+    assert children["metrics.holdout_reconstruction_loss"].notna().all()
