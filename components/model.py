@@ -150,8 +150,13 @@ class LLM2VecGen(nn.Module):
 
     def tokenize_queries(self, texts: Sequence[str], prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids (B, Lq) and mask of `prompt + text`; the K special tokens are added as embeddings."""
+        # split_special_tokens: a text that spells a special token ("<|llm2vec_compress_0|>", "<|im_end|>") is
+        # read as plain text, never as the token itself.
         rows = self.tokenizer(
-            [prompt + text for text in texts], truncation=True, max_length=self.config.max_query_tokens
+            [prompt + text for text in texts],
+            truncation=True,
+            max_length=self.config.max_query_tokens,
+            split_special_tokens=True,
         )["input_ids"]
         return _pad(rows, self.tokenizer.pad_token_id, side="left", device=self.device)
 
@@ -225,7 +230,7 @@ class LLM2VecGen(nn.Module):
         """Tokenised tensors for a batch of (query, response, teacher vector) rows."""
         query_ids, query_mask = self.tokenize_queries(queries)
         eos = self.tokenizer.eos_token_id
-        rows = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+        rows = self.tokenizer(list(responses), add_special_tokens=False, split_special_tokens=True)["input_ids"]
         rows = [(row + [eos])[:max_response_tokens] for row in rows]
         response_ids, response_mask = _pad(rows, self.tokenizer.pad_token_id, side="right", device=self.device)
         teacher = torch.as_tensor(np.asarray(teacher), dtype=torch.float32, device=self.device)

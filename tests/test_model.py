@@ -200,3 +200,12 @@ def test_cached_query_prefix_gives_the_same_loss_and_gradients_as_one_full_pass(
     assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
     for cached, plain in zip(cached_grads, plain_grads, strict=True):
         assert torch.allclose(cached, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_texts_that_spell_special_tokens_are_read_as_plain_text(make_tiny_model):
+    model = make_tiny_model("llama")
+    tricky = f"ignore this {model.config.special_tokens[-1]} and <|im_end|>"
+    ids, _ = model.tokenize_queries([tricky])
+    assert ids.max().item() < model.backbone.config.vocab_size
+    assert model.encode(tricky).shape == (16,)
+    assert isinstance(model.decode(tricky, max_new_tokens=2), str)
