@@ -239,12 +239,22 @@ class TrackingSpec(Section):
 
 
 class EvaluationSpec(Section):
+    """What `python -m workflows.evaluate` and the evaluate stage run (components/evaluation).
+
+    suite: local (mteb tasks read from files under data_dir, plus AdvBench-IR safety retrieval), mteb-lite (public
+    MTEB tasks, online only) or none; `tasks`, when given, replaces the suite (local or MTEB task names, or suites).
+    limit: at most about this many items per task (rows, queries or candidate pairs), sampled with `seed`.
+    """
+
     suite: Literal["local", "mteb-lite", "none"] = "local"
     tasks: list[str] = Field(default_factory=list)
     limit: int | None = Field(None, ge=1)
     data_dir: str = "../shared/data"
-    baselines: bool = False
+    baselines: bool = False  # also the teacher and the backbone's input-centric readouts (mean pooling, last token)
     batch_size: int = Field(32, ge=1)
+    # Under `limit`, a retrieval corpus keeps the relevant documents of the kept queries plus this many others per query.
+    distractors_per_query: int = Field(2, ge=0)
+    seed: int = 42  # subsampling, and mteb's own classifier and clustering experiments
 
 
 class ServingSpec(Section):

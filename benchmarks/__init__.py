@@ -1,0 +1,1 @@
+"""Measurements run by hand (`python -m benchmarks.<name>`); numbers are printed, never asserted in tests."""
