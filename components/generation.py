@@ -1,0 +1,321 @@
+"""The frozen LLM's answers to the queries: chat-template rendering, length-grouped batched decoding, the actor.
+
+For a batch of queries:
+    prompt_i   = chat_template([system?, user: query_i], add_generation_prompt, enable_thinking)
+    order      = prompts sorted by token length, cut into batches of `generation.batch_size` (little padding)
+    prefill    = the prefix every prompt of the batch shares (the template's opening, a system prompt) runs once,
+                 its KV cache copied to each row; then the rows' own tokens, left-padded (B, L), positions
+                 counting real tokens only
+    decoding   = one forward pass per new token over a KV cache; a row is finished at EOS or a stop string, and
+                 the batch (with its cache) halves whenever at most half of its rows are still answering
+    response_i = the new tokens before EOS, decoded, cut before the first stop string;
+                 finish_reason "stop" (EOS or a stop string) or "length" (max_new_tokens reached)
+
+Greedy by default; with do_sample, temperature and top_p apply and the random stream is seeded per shard, so a
+re-run of a shard gives the same text. `generate_responses` is what the Ray actor runs; benchmarks/generation.py
+times its two steps (length_batches, decode_batch) against a plain `model.generate` loop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from transformers import AutoConfig, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from components.backbone import (
+    BackboneError,
+    build_byte_tokenizer,
+    convert_gguf,
+    default_cache_dir,
+    folder_fingerprint,
+    load_backbone,
+    locate_package_file,
+)
+from components.spec import BackboneSpec, GenerationSpec
+
+RESPONSE_SCHEMA = pa.schema([
+    ("id", pa.int64()),
+    ("query", pa.string()),
+    ("response", pa.string()),
+    ("prompt_tokens", pa.int32()),
+    ("response_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+])
+
+
+class GenerationError(ValueError):
+    """Generation cannot run as the spec asks; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Generated:
+    response: str
+    prompt_tokens: int
+    response_tokens: int  # new tokens before EOS (a stop string's tokens included)
+    finish_reason: str  # "stop" or "length"
+
+
+# -------------------------------------------------------------------------------------------------- prompts
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, query: str, generation: GenerationSpec) -> str:
+    """The chat-formatted prompt for one query, ending where the assistant's answer starts."""
+    if not tokenizer.chat_template:
+        raise GenerationError("backbone: the tokenizer has no chat template; generation needs a chat (instruct) model")
+    messages = [{"role": "system", "content": generation.system_prompt}] if generation.system_prompt else []
+    messages.append({"role": "user", "content": query})
+    # enable_thinking is read by templates that know it (Qwen3: False skips the <think> block) and ignored by others.
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=generation.enable_thinking
+    )
+
+
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+    # The chat template already holds every special token (BOS included where the model wants one).
+    return tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (a too-large batch fails at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to (not including) the earliest stop string, and whether one was found."""
+    cut = min((index for index in (text.find(stop) for stop in stops) if index >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """EOS ids of the tokenizer and of the model's generation config (chat models often have several)."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    return {token for token in ids if token is not None}
+
+
+# ------------------------------------------------------------------------------------------------- decoding
+
+
+def generate_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    queries: Sequence[str],
+    generation: GenerationSpec,
+    seed: int = 0,
+) -> list[Generated]:
+    """Answers to `queries`, in their order, decoded in length-grouped batches."""
+    prompts = tokenize_prompts(tokenizer, [render_prompt(tokenizer, query, generation) for query in queries])
+    rng = torch.Generator().manual_seed(seed) if generation.do_sample else None
+    results: list[Generated | None] = [None] * len(queries)
+    for batch in length_batches([len(prompt) for prompt in prompts], generation.batch_size):
+        answers = decode_batch(model, tokenizer, [prompts[i] for i in batch], generation, rng)
+        for index, answer in zip(batch, answers, strict=True):
+            results[index] = answer
+    return results  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def decode_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    generation: GenerationSpec,
+    rng: torch.Generator | None = None,
+) -> list[Generated]:
+    """Continue each prompt until EOS, a stop string or max_new_tokens (see kept_width for finished rows)."""
+    device = model.device
+    eos = stop_token_ids(model, tokenizer)
+    cache = DynamicCache(config=model.config)
+    # The chat template's opening (system prompt included) is the same for every prompt: run it once, share its cache.
+    shared = shared_prefix_length(prompts)
+    if shared:
+        prefix = torch.tensor([prompts[0][:shared]], device=device)  # (1, shared)
+        model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(len(prompts))
+    suffix_ids, suffix_mask = left_pad([prompt[shared:] for prompt in prompts], tokenizer.pad_token_id, device)
+    # Padding sits between the shared prefix and each row's own tokens; it is masked out, and positions count real
+    # tokens only, so a row's answer does not depend on the other rows of its batch.
+    mask = torch.cat([suffix_mask.new_ones(len(prompts), shared), suffix_mask], dim=1)  # (B, shared + L)
+    positions = shared + (suffix_mask.cumsum(1) - 1).clamp(min=0)  # (B, L)
+    logits = model(
+        input_ids=suffix_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+    ).logits[:, -1]  # (B, V)
+    rows = list(range(len(prompts)))  # which prompt each batch row continues
+    done = [False] * len(prompts)
+    new_tokens: list[list[int]] = [[] for _ in prompts]
+    finish = ["length"] * len(prompts)
+    for step in range(generation.max_new_tokens):
+        for index, token in zip(rows, next_tokens(logits, generation, rng).tolist(), strict=True):
+            if done[index]:
+                continue
+            if token in eos:
+                done[index], finish[index] = True, "stop"
+                continue
+            new_tokens[index].append(token)
+            if generation.stop and cut_at_stop(tokenizer.decode(new_tokens[index]), generation.stop)[1]:
+                done[index], finish[index] = True, "stop"
+        answering = [row for row, index in enumerate(rows) if not done[index]]
+        if not answering or step == generation.max_new_tokens - 1:
+            break
+        width = kept_width(len(answering), len(rows))
+        if width < len(rows):
+            finished = [row for row, index in enumerate(rows) if done[index]]
+            keep = torch.tensor(sorted(answering + finished[: width - len(answering)]), device=device)
+            cache.batch_select_indices(keep)
+            mask, positions = mask[keep], positions[keep]
+            rows = [rows[row] for row in keep.tolist()]
+        # A finished row still in the batch is fed padding; what it computes is never read.
+        feed = torch.tensor([[tokenizer.pad_token_id if done[i] else new_tokens[i][-1]] for i in rows], device=device)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        step_out = model(input_ids=feed, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        logits = step_out.logits[:, -1]  # (b, V)
+    results = []
+    for prompt, tokens, reason in zip(prompts, new_tokens, finish, strict=True):
+        text, _ = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), generation.stop)
+        results.append(Generated(text, len(prompt), len(tokens), reason))
+    return results
+
+
+def kept_width(answering: int, width: int) -> int:
+    """How many rows a batch keeps computing when `answering` of its `width` rows are not finished yet.
+
+    The batch halves only once at most half of it is still answering; until then finished rows ride along. Rows
+    are not cost: on our 2-core CPU a 576x1536 linear layer takes 0.70 ms for 12 to 15 rows but 0.47 ms for 16
+    (the BLAS switches kernels at 16), and on a GPU a decoding step costs about the same for any small batch, so
+    dropping single rows would save nothing and re-copy the KV cache each time.
+    """
+    while answering <= width // 2:
+        width //= 2
+    return width
+
+
+def next_tokens(logits: torch.Tensor, generation: GenerationSpec, rng: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids: argmax, or a draw from the temperature- and top-p-shaped distribution."""
+    if not generation.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / generation.temperature, dim=-1)
+    if generation.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (the most likely token always stays).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= generation.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs.cpu(), 1, generator=rng).squeeze(1).to(logits.device)
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """How many leading tokens all prompts share, leaving each at least one token of its own; 0 for one prompt."""
+    if len(prompts) < 2:
+        return 0
+    shared, limit = 0, min(len(prompt) for prompt in prompts) - 1
+    while shared < limit and all(prompt[shared] == prompts[0][shared] for prompt in prompts):
+        shared += 1
+    return shared
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(row) for row in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, length - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[index, length - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ------------------------------------------------------------------------------------------------ the actor
+
+
+class ResponseGenerator:
+    """Ray Data worker: loads the backbone once per actor, then answers one whole shard of queries per call."""
+
+    def __init__(self, backbone: BackboneSpec, generation: GenerationSpec, seed: int):
+        self.generation = generation
+        self.seed = seed
+        # As many threads as CPUs reserved for this actor: more would fight the other actors for the same cores.
+        torch.set_num_threads(max(1, int(generation.num_cpus_per_actor)))
+        self.backbone = load_backbone(backbone)
+        if torch.cuda.is_available():  # Ray exposes a GPU only to actors that asked for one
+            self.backbone.model.to("cuda")
+
+    def __call__(self, shard: pa.Table) -> pa.Table:
+        ids = shard.column("id").to_pylist()
+        queries = shard.column("query").to_pylist()
+        # The random stream depends on the shard, not on which actor runs it or when.
+        seed = self.seed * 1_000_003 + (ids[0] if ids else 0)
+        results = generate_responses(self.backbone.model, self.backbone.tokenizer, queries, self.generation, seed)
+        return responses_table(ids, queries, results)
+
+
+def responses_table(ids: Sequence[int], queries: Sequence[str], results: Sequence[Generated]) -> pa.Table:
+    return pa.table(
+        {
+            "id": ids,
+            "query": queries,
+            "response": [r.response for r in results],
+            "prompt_tokens": [r.prompt_tokens for r in results],
+            "response_tokens": [r.response_tokens for r in results],
+            "finish_reason": [r.finish_reason for r in results],
+        },
+        schema=RESPONSE_SCHEMA,
+    )
+
+
+# ------------------------------------------------------------------------------ the backbone, without weights
+
+
+@dataclass(frozen=True)
+class BackboneIdentity:
+    """What the cache key needs from the backbone, found without loading its weights where possible."""
+
+    fingerprint: str
+    chat_template: str
+    hidden_size: int
+
+
+def backbone_identity(spec: BackboneSpec) -> BackboneIdentity:
+    if spec.source == "random":  # tiny: building it is the cheapest way to know its exact weights
+        backbone = load_backbone(spec)
+        return BackboneIdentity(backbone.fingerprint, backbone.tokenizer.chat_template or "", spec.random.hidden_size)
+    if spec.source == "hub":
+        fingerprint, location = f"hub:{spec.name}@{spec.revision or 'default'}", spec.name
+    elif spec.source == "folder":
+        location = str(Path(spec.name).expanduser())
+        if not (Path(location) / "config.json").is_file():
+            raise BackboneError(f"backbone.name: not a Hugging Face model folder (no config.json): {location}")
+        fingerprint = folder_fingerprint(Path(location))
+    else:
+        gguf = locate_package_file(spec.name, spec.file) if spec.source == "package" else Path(spec.name).expanduser()
+        if not gguf.is_file():
+            raise BackboneError(f"backbone.name: GGUF file not found: {gguf}")
+        folder = convert_gguf(gguf, default_cache_dir())
+        fingerprint, location = json.loads((folder / "source.json").read_text())["sha256"], str(folder)
+    tokenizer = AutoTokenizer.from_pretrained(location, revision=spec.revision if spec.source == "hub" else None)
+    config = AutoConfig.from_pretrained(location, revision=spec.revision if spec.source == "hub" else None)
+    return BackboneIdentity(fingerprint, tokenizer.chat_template or "", config.hidden_size)
+
+
+def load_tokenizer(spec: BackboneSpec) -> PreTrainedTokenizerBase:
+    """The backbone's tokenizer alone (for rendering prompts on the driver)."""
+    if spec.source == "random":
+        return build_byte_tokenizer()
+    if spec.source in ("hub", "folder"):
+        return AutoTokenizer.from_pretrained(spec.name, revision=spec.revision)
+    gguf = locate_package_file(spec.name, spec.file) if spec.source == "package" else Path(spec.name).expanduser()
+    return AutoTokenizer.from_pretrained(convert_gguf(gguf, default_cache_dir()))
+
+
+def check_backend(generation: GenerationSpec) -> None:
+    if generation.backend == "vllm":
+        raise GenerationError(
+            "generation.backend: 'vllm' (ray.data.llm.build_processor) is not implemented yet; use backend: hf"
+        )
+
