@@ -49,3 +49,14 @@ def smollm2_spec() -> Spec:
 @pytest.fixture(scope="session")
 def smollm2_backbone(smollm2_spec) -> Backbone:
     return load_backbone(smollm2_spec.backbone)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_mlflow_uri():
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which our specs honour: keep it per test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
