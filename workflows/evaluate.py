@@ -1,0 +1,199 @@
+"""Evaluate an LLM2Vec-Gen model with mteb, optionally against its teacher and its backbone's own readouts.
+
+    python -m workflows.evaluate MODEL [--suite local|mteb-lite|TASK,...] [--baselines] [--limit N] [--output DIR]
+                                       [--spec SPEC] [--teacher TEACHER] [--data-dir DIR] [--batch-size B]
+                                       [--distractors-per-query K] [--tracking-uri URI [--run-id ID]]
+
+MODEL is a model folder or an MLflow URI (models:/name/version, runs:/id/model_folder). The local suite reads every
+dataset from --data-dir (default ../shared/data) and runs offline; mteb-lite downloads public MTEB tasks. With
+--baselines the same tasks also run on the teacher the model was aligned to (model.config.teacher, or the spec's,
+or --teacher) and on the backbone's input-centric embeddings (mean pooling, last token). Writes results.json,
+results.md and scores.png into --output (default runs/evaluation/<model reference>), and logs the scores to MLflow
+when a tracking URI is given. The evaluate stage of workflows.run calls the same `run_evaluation`.
+
+Examples:
+    python -m workflows.evaluate runs/smollm2-135m/train/model --baselines --limit 200
+    python -m workflows.evaluate models:/smollm2-135m-llm2vec-gen/1 --suite LocalSciFact,AdvBenchIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from components.evaluation.suites import SUITES, expand_suite, is_offline
+from components.spec import EvaluationSpec, Spec, SpecError, TeacherSpec, load_spec
+
+log = logging.getLogger("workflows.evaluate")
+
+
+def suite_tasks(evaluation: EvaluationSpec) -> list[str]:
+    """The spec's task list when given, else its suite's."""
+    return expand_suite(evaluation.tasks or evaluation.suite)
+
+
+def go_offline() -> None:
+    """Local tasks must never reach for the hub; the libraries read these when they are first imported."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def run_evaluation(
+    model_ref: str | os.PathLike,
+    evaluation: EvaluationSpec,
+    output: Path,
+    teacher: TeacherSpec | None = None,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate the model (and, with evaluation.baselines, its teacher and backbone readouts) on the spec's tasks;
+    write the report into `output`. Returns the report's JSON content plus the paths written."""
+    task_names = suite_tasks(evaluation)
+    if not task_names:
+        raise ValueError("no tasks to run: the suite is 'none' and evaluation.tasks is empty")
+    if is_offline(task_names):
+        go_offline()
+
+    from components.evaluation.encoders import BackboneReadouts, GenEmbedder, TeacherEmbedder, teacher_from_config
+    from components.evaluation.report import log_to_mlflow, report_dict, write_report
+    from components.evaluation.runner import evaluate_embedders
+    from components.model import LLM2VecGen
+    from components.teacher import load_teacher
+    from components.tracking import resolve_model
+
+    folder = resolve_model(model_ref)
+    started = time.perf_counter()
+    model = LLM2VecGen.load(folder)
+    embedders: dict[str, Any] = {"llm2vec-gen": GenEmbedder(model)}
+    descriptions = {"llm2vec-gen": f"LLM2Vec-Gen model {folder} (prompts from its folder: {sorted(model.config.prompts)})"}
+    if evaluation.baselines:
+        teacher = teacher or teacher_from_config(model.config.teacher)
+        embedders["teacher"] = TeacherEmbedder(load_teacher(teacher, model.config.backbone))
+        readouts = BackboneReadouts(model.backbone_info, max_tokens=model.config.max_query_tokens)
+        embedders["mean-pool"], embedders["last-token"] = readouts.embedder("mean"), readouts.embedder("last")
+        where = teacher.name or f"{teacher.package}/{teacher.path_in_package}"
+        descriptions["teacher"] = f"the teacher, {teacher.kind} {where if teacher.kind != 'backbone_mean_pool' else ''}".rstrip()
+        descriptions["mean-pool"] = "the backbone's last hidden states, masked mean over the bare text's tokens"
+        descriptions["last-token"] = "the backbone's last hidden state at the bare text's last token"
+    log.info("loaded %d model(s) in %.1fs", len(embedders), time.perf_counter() - started)
+
+    info = {
+        "model": str(model_ref),
+        "model_folder": str(folder),
+        "tasks": task_names,
+        "suite": ",".join(evaluation.tasks) if evaluation.tasks else evaluation.suite,
+        "limit": evaluation.limit,
+        "data_dir": evaluation.data_dir,
+        "evaluation": evaluation.model_dump(mode="json"),
+    }
+    # The report is (re)written after each model: a run stopped part-way keeps the models it finished.
+    paths: dict[str, Path] = {}
+    results, seconds = evaluate_embedders(
+        embedders, task_names, evaluation,
+        after_each=lambda done, took: paths.update(write_report(done, took, info, output, descriptions)),
+    )
+    if tracking_uri:
+        run_id = log_to_mlflow(results, paths, tracking_uri, run_id, run_name=f"evaluate {folder.name}")
+        log.info("scores logged to MLflow run %s at %s", run_id, tracking_uri)
+    return {**report_dict(results, seconds, info), "paths": {kind: str(path) for kind, path in paths.items()},
+            "mlflow_run_id": run_id}
+
+
+def stage_evaluate(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
+    """The evaluate stage of workflows.run: the trained model on spec.evaluation, scores into the training's MLflow run."""
+    train = results.get("train") or {}
+    if not train.get("model_dir"):
+        raise ValueError("the evaluate stage needs the train stage's model_dir (run it with --stages train,evaluate)")
+    if not suite_tasks(spec.evaluation):
+        log.info("evaluation.suite is 'none' and evaluation.tasks is empty: nothing to evaluate")
+        return {}
+    tracking = spec.tracking.enabled and train.get("mlflow_tracking_uri")
+    report = run_evaluation(
+        train["model_dir"],
+        spec.evaluation,
+        spec.run_dir / "evaluation",
+        teacher=spec.teacher,
+        tracking_uri=train.get("mlflow_tracking_uri") if tracking else None,
+        run_id=train.get("mlflow_run_id") if tracking else None,
+    )
+    return {"report": report["paths"]["markdown"], "averages": report["averages"]}
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m workflows.evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("model", help="a model folder or models:/<name>/<version>")
+    parser.add_argument("--suite", help=f"{' | '.join(SUITES)} | comma-separated task names (default: the spec's, else local)")
+    parser.add_argument("--baselines", action="store_true", default=None, help="also the teacher, mean pooling and last token")
+    parser.add_argument("--limit", type=int, help="at most about N items per task (rows, queries or candidate pairs)")
+    parser.add_argument("--output", type=Path, help="report folder (default runs/evaluation/<the model reference as a name>)")
+    parser.add_argument("--spec", help="a spec whose evaluation section (and teacher) are the defaults")
+    parser.add_argument("--teacher", help="the teacher for --baselines: backbone_mean_pool, sentence_transformers:<location>, "
+                                          "hf_mean_pool:<location> (default: the spec's, else the one saved with the model)")
+    parser.add_argument("--data-dir", help="where the local datasets are (default ../shared/data)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--distractors-per-query", type=int, help="under --limit, other documents kept per retrieval query")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help="log scores to MLflow here")
+    parser.add_argument("--run-id", help="the MLflow run to log into (default: a new run)")
+    return parser.parse_args(argv)
+
+
+def evaluation_from_args(args: argparse.Namespace, spec: Spec | None) -> EvaluationSpec:
+    """The spec's evaluation section (or the defaults), with the command line's options on top."""
+    evaluation = spec.evaluation if spec else EvaluationSpec()
+    updates: dict[str, Any] = {"limit": args.limit, "data_dir": args.data_dir, "batch_size": args.batch_size,
+                               "baselines": args.baselines, "distractors_per_query": args.distractors_per_query}
+    if args.suite:
+        updates.update({"suite": args.suite, "tasks": []} if args.suite in SUITES else {"tasks": expand_suite(args.suite)})
+    return EvaluationSpec.model_validate({**evaluation.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
+
+
+def default_report_name(model_ref: str) -> str:
+    """runs/smollm2/train/model -> runs_smollm2_train_model; models:/name/3 -> models_name_3 (model folders are
+    often all called `model`, so the whole reference names the report)."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", model_ref).strip("_.") or "model"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        spec = load_spec(args.spec) if args.spec else None
+        evaluation = evaluation_from_args(args, spec)
+    except (SpecError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if is_offline(suite_tasks(evaluation)):
+        go_offline()  # before transformers, datasets and mteb are imported
+    # sklearn warns on each of mteb's classifier experiments: small (--limit) test splits leave classes never
+    # predicted, and mteb's protocol fixes LogisticRegression(max_iter=100). The scores stand as mteb defines them.
+    warnings.filterwarnings("ignore", message=".*ill-defined and being set to 0.0.*")
+    warnings.filterwarnings("ignore", message=".*lbfgs failed to converge.*")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("mteb", "datasets", "sentence_transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import datasets
+
+    datasets.disable_progress_bars()
+    from components.evaluation.encoders import teacher_from_config
+
+    teacher = teacher_from_config(args.teacher) if args.teacher else (spec.teacher if spec else None)
+    output = args.output or Path("runs/evaluation") / default_report_name(str(args.model))
+    started = time.perf_counter()
+    report = run_evaluation(args.model, evaluation, output, teacher=teacher, tracking_uri=args.tracking_uri, run_id=args.run_id)
+    print(Path(report["paths"]["markdown"]).read_text())
+    print(f"report: {output} ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
