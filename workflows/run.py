@@ -1,6 +1,6 @@
 """The main job: run the stages of a spec in order.
 
-    python -m workflows.run SPEC [--set key=value ...] [--stages generate,teach,train] [--dry-run] [--print-spec]
+    python -m workflows.run SPEC [--set key=value ...] [--stages generate,teach,train,evaluate] [--dry-run] [--print-spec]
 
 generate (the frozen LLM answers the queries) -> teach (the teacher embeds the answers) -> train (Ray Train +
 DeepSpeed; MLflow run and registered model). Each stage is skipped when its output exists for the same
@@ -69,12 +69,20 @@ def stage_train(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
     return run_train(spec, rows, embedding_dim=dimension, rows_fingerprint=fingerprint)
 
 
+def stage_evaluate(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
+    from workflows.evaluate import stage_evaluate as evaluate
+
+    return evaluate(spec, results)
+
+
 STAGES: dict[str, Callable[[Spec, dict[str, Any]], Any]] = {
     "check": stage_check,
     "generate": stage_generate,
     "teach": stage_teach,
     "train": stage_train,
+    "evaluate": stage_evaluate,
 }
+# evaluate is opt-in for now: the local suite takes long on a CPU (see workflows/evaluate.py).
 DEFAULT_STAGES = ["generate", "teach", "train"]
 
 
@@ -146,6 +154,8 @@ def summary(spec: Spec, results: dict[str, Any], timings: dict[str, float]) -> s
             lines.append(f"  {label:<12} {train[key]}")
     if train.get("mlflow_tracking_uri"):
         lines.append(f"  open with:   mlflow ui --backend-store-uri {train['mlflow_tracking_uri']}")
+    if (results.get("evaluate") or {}).get("report"):
+        lines.append(f"  evaluation   {results['evaluate']['report']}")
     lines.append("  stage        seconds")
     lines += [f"  {name:<12} {seconds:8.1f}" for name, seconds in timings.items()]
     return "\n".join(lines)
