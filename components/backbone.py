@@ -47,13 +47,24 @@ def default_cache_dir() -> Path:
 
 
 def load_backbone(spec: BackboneSpec, cache_dir: Path | None = None) -> Backbone:
-    cache_dir = cache_dir or default_cache_dir()
     if spec.source == "random":
         assert spec.random is not None
         model, tokenizer = build_random_backbone(spec.random)
         return _finish(model, tokenizer, spec, fingerprint=_weights_fingerprint(model))
     if spec.source == "hub":
         return _load_hub(spec)
+    folder, fingerprint = resolve_folder(spec, cache_dir)
+    return _load_folder(folder, spec, fingerprint)
+
+
+def resolve_folder(spec: BackboneSpec, cache_dir: Path | None = None) -> tuple[Path, str]:
+    """The local Hugging Face folder of a folder, gguf or package backbone and its weights' fingerprint, without
+    loading the weights (a GGUF is converted on first use)."""
+    if spec.source == "folder":
+        folder = Path(spec.name).expanduser()
+        if not (folder / "config.json").is_file():
+            raise BackboneError(f"backbone.name: not a Hugging Face model folder (no config.json): {folder}")
+        return folder, folder_fingerprint(folder)
     if spec.source == "package":
         gguf = locate_package_file(spec.name, spec.file)
     elif spec.source == "gguf":
@@ -61,12 +72,9 @@ def load_backbone(spec: BackboneSpec, cache_dir: Path | None = None) -> Backbone
         if not gguf.is_file():
             raise BackboneError(f"backbone.name: GGUF file not found: {gguf}")
     else:
-        folder = Path(spec.name).expanduser()
-        if not (folder / "config.json").is_file():
-            raise BackboneError(f"backbone.name: not a Hugging Face model folder (no config.json): {folder}")
-        return _load_folder(folder, spec, fingerprint=folder_fingerprint(folder))
-    folder = convert_gguf(gguf, cache_dir)
-    return _load_folder(folder, spec, fingerprint=json.loads((folder / "source.json").read_text())["sha256"])
+        raise BackboneError(f"backbone.source '{spec.source}' has no local folder")
+    folder = convert_gguf(gguf, cache_dir or default_cache_dir())
+    return folder, json.loads((folder / "source.json").read_text())["sha256"]
 
 
 # ------------------------------------------------------------------------------------------ GGUF sources

@@ -18,24 +18,14 @@ times its two steps (length_batches, decode_batch) against a plain `model.genera
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import torch
 from transformers import AutoConfig, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from components.backbone import (
-    BackboneError,
-    build_byte_tokenizer,
-    convert_gguf,
-    default_cache_dir,
-    folder_fingerprint,
-    load_backbone,
-    locate_package_file,
-)
+from components.backbone import build_byte_tokenizer, load_backbone, resolve_folder
 from components.spec import BackboneSpec, GenerationSpec
 
 RESPONSE_SCHEMA = pa.schema([
@@ -287,17 +277,9 @@ def backbone_identity(spec: BackboneSpec) -> BackboneIdentity:
         return BackboneIdentity(backbone.fingerprint, backbone.tokenizer.chat_template or "", spec.random.hidden_size)
     if spec.source == "hub":
         fingerprint, location = f"hub:{spec.name}@{spec.revision or 'default'}", spec.name
-    elif spec.source == "folder":
-        location = str(Path(spec.name).expanduser())
-        if not (Path(location) / "config.json").is_file():
-            raise BackboneError(f"backbone.name: not a Hugging Face model folder (no config.json): {location}")
-        fingerprint = folder_fingerprint(Path(location))
     else:
-        gguf = locate_package_file(spec.name, spec.file) if spec.source == "package" else Path(spec.name).expanduser()
-        if not gguf.is_file():
-            raise BackboneError(f"backbone.name: GGUF file not found: {gguf}")
-        folder = convert_gguf(gguf, default_cache_dir())
-        fingerprint, location = json.loads((folder / "source.json").read_text())["sha256"], str(folder)
+        folder, fingerprint = resolve_folder(spec)
+        location = str(folder)
     tokenizer = AutoTokenizer.from_pretrained(location, revision=spec.revision if spec.source == "hub" else None)
     config = AutoConfig.from_pretrained(location, revision=spec.revision if spec.source == "hub" else None)
     return BackboneIdentity(fingerprint, tokenizer.chat_template or "", config.hidden_size)
@@ -307,10 +289,9 @@ def load_tokenizer(spec: BackboneSpec) -> PreTrainedTokenizerBase:
     """The backbone's tokenizer alone (for rendering prompts on the driver)."""
     if spec.source == "random":
         return build_byte_tokenizer()
-    if spec.source in ("hub", "folder"):
+    if spec.source == "hub":
         return AutoTokenizer.from_pretrained(spec.name, revision=spec.revision)
-    gguf = locate_package_file(spec.name, spec.file) if spec.source == "package" else Path(spec.name).expanduser()
-    return AutoTokenizer.from_pretrained(convert_gguf(gguf, default_cache_dir()))
+    return AutoTokenizer.from_pretrained(resolve_folder(spec)[0])
 
 
 def check_backend(generation: GenerationSpec) -> None:
