@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not suite_tasks(evaluation):
+        print("error: no tasks to run (suite 'none' and no evaluation.tasks)", file=sys.stderr)
+        return 2
     if is_offline(suite_tasks(evaluation)):
         go_offline()  # before transformers, datasets and mteb are imported
     # sklearn warns on each of mteb's classifier experiments: small (--limit) test splits leave classes never
