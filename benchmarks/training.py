@@ -217,7 +217,7 @@ def ours_worker(workdir: Path) -> None:
         rows = json.loads((workdir / "rows.json").read_text())
         teacher = load_file(workdir / "teacher.safetensors")["teacher"]
         model = LLM2VecGen.from_spec(spec, embedding_dim=EMBEDDING_DIM)
-        weights = (spec.loss.reconstruction, spec.loss.alignment)
+        weights = (spec.loss.reconstruction, spec.loss.alignment)  # the official side takes the pair
 
         # Token ids exactly as our collate makes them, for the official side; and our starting weights.
         tokenized = []
@@ -248,7 +248,7 @@ def ours_worker(workdir: Path) -> None:
     def losses(indices):
         chosen = [rows[i] for i in indices]
         batch = model.collate([r["query"] for r in chosen], [r["response"] for r in chosen], teacher[indices], MAX_NEW_TOKENS)
-        return model(batch, weights)
+        return model(batch, spec.loss)
 
     for line in sys.stdin:
         command = json.loads(line)
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # Batches: ours length-grouped as the training loop groups them; theirs random, padded to the longest.
         micro = info["micro_batch_size"]
-        lengths = [len(r["query"]) + len(r["response"]) for r in rows]
+        lengths = [len(t["query_ids"]) + len(t["response_ids"]) for t in tokenized]  # tokens, as the training loop
         ours_batches = micro_batches(lengths, micro, seed=info["seed"], epoch=0)
         order = list(range(len(rows)))
         random.Random(info["seed"]).shuffle(order)

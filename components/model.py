@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from components.backbone import Backbone, BackboneSpec, load_backbone
-from components.spec import Spec
+from components.spec import LossSpec, Spec
 
 CONFIG_FILE = "llm2vec_gen.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -213,16 +213,34 @@ class LLM2VecGen(nn.Module):
         return F.cross_entropy(logits, response_ids[real])
 
     @staticmethod
-    def alignment_loss(embedding: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(embedding, teacher.to(embedding.dtype))
+    def alignment_loss(embedding: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+        teacher = teacher.to(embedding.dtype)
+        if kind == "cosine":
+            return (1 - F.cosine_similarity(embedding, teacher, dim=-1)).mean()
+        return F.mse_loss(embedding, teacher)
 
-    def forward(self, batch: TrainingBatch, weights: tuple[float, float] = (1.0, 1.0)) -> Losses:
-        """The training objective; `weights` are (w_recon, w_align)."""
+    def forward(self, batch: TrainingBatch, loss: LossSpec = LossSpec()) -> Losses:
+        """The training objective, weighted as in `loss`."""
         z, embedding = self.compress(batch.query_ids, batch.query_mask)
-        reconstruction = self.reconstruction_loss(z, batch.response_ids, batch.response_mask)
-        alignment = self.alignment_loss(embedding, batch.teacher)
-        total = weights[0] * reconstruction + weights[1] * alignment
+        # A zero weight skips the pass entirely: the reconstruction pass is most of a step's compute.
+        reconstruction = (
+            self.reconstruction_loss(z, batch.response_ids, batch.response_mask) if loss.reconstruction else z.new_zeros(())
+        )
+        alignment = self.alignment_loss(embedding, batch.teacher, loss.alignment_kind)
+        total = loss.reconstruction * reconstruction + loss.alignment * alignment
         return Losses(total, reconstruction.detach(), alignment.detach(), embedding.detach())
+
+    def token_lengths(self, queries: Sequence[str], responses: Sequence[str], max_response_tokens: int) -> list[int]:
+        """Tokens per training row as collate makes them (query + special tokens + capped response + EOS).
+
+        Batches are grouped by these, not by characters: repetitive answers and numbers tokenise very unevenly.
+        """
+        query_rows = self.tokenizer(list(queries), truncation=True, max_length=self.config.max_query_tokens, split_special_tokens=True)
+        response_rows = self.tokenizer(list(responses), add_special_tokens=False, split_special_tokens=True)
+        return [
+            len(q) + min(len(r) + 1, max_response_tokens)
+            for q, r in zip(query_rows["input_ids"], response_rows["input_ids"], strict=True)
+        ]
 
     def collate(
         self, queries: Sequence[str], responses: Sequence[str], teacher: np.ndarray | torch.Tensor, max_response_tokens: int

@@ -118,10 +118,18 @@ class TokensSpec(Section):
 
 
 class LossSpec(Section):
-    """Total loss = reconstruction * L_recon + alignment * L_align."""
+    """Total loss = reconstruction * L_recon + alignment * L_align.
+
+    alignment_kind: mse (the paper) or cosine (1 - cos(e, t): scale-free, so normalised 384-d targets whose
+    squared error is ~1/384 per dimension still steer the shared special tokens).
+    center_targets: subtract the training rows' mean teacher vector from every target, so that the student
+    learns what tells answers apart rather than the direction all of them share (anisotropic teachers).
+    """
 
     reconstruction: float = Field(1.0, ge=0)
     alignment: float = Field(1.0, ge=0)
+    alignment_kind: Literal["mse", "cosine"] = "mse"
+    center_targets: bool = False
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> LossSpec:
@@ -214,6 +222,9 @@ class TrainingSpec(Section):
     eval_every: int | None = Field(None, ge=1)  # default: checkpoint_every
     decode_samples: int = Field(4, ge=0)
     max_failures: int = Field(2, ge=0)
+    # The special-token rows sit in the LLM's input space (entries ~1e-2) next to projections of ~1/sqrt(H):
+    # their own learning rate is lr * special_lr_scale.
+    special_lr_scale: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainingSpec:

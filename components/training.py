@@ -10,10 +10,11 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from components.spec import TrainingSpec
+from components.spec import LossSpec, TrainingSpec
 
 
 @dataclass(frozen=True)
@@ -125,21 +126,43 @@ def embedding_metrics(student: torch.Tensor, teacher: torch.Tensor) -> dict[str,
     }
 
 
+def centered_targets(rows: list[dict], mean: list[float]) -> list[dict]:
+    """Rows whose teacher vector has `mean` (the training rows' mean target) subtracted: see LossSpec.center_targets."""
+    return [row | {"teacher": [value - offset for value, offset in zip(row["teacher"], mean, strict=True)]} for row in rows]
+
+
+def mean_target(rows: list[dict]) -> list[float]:
+    return np.asarray([row["teacher"] for row in rows], dtype=np.float64).mean(0).tolist()
+
+
 @torch.no_grad()
-def holdout_metrics(model, rows: list[dict], spec: TrainingSpec, weights: tuple[float, float]) -> dict[str, float]:
+def retrieval_accuracy(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Share of rows whose own teacher vector is the nearest (cosine) of all the rows' teacher vectors.
+
+    Unlike the mean cosine to its own target, this cannot be met by predicting the average answer: it
+    measures whether embeddings tell answers apart, which is what retrieval and STS ask of them.
+    """
+    similarity = F.normalize(student.float(), dim=-1) @ F.normalize(teacher.float(), dim=-1).T
+    hits = similarity.argmax(dim=1) == torch.arange(student.shape[0], device=student.device)
+    return hits.float().mean().item()
+
+
+@torch.no_grad()
+def holdout_metrics(model, rows: list[dict], spec: TrainingSpec, loss: LossSpec) -> dict[str, float]:
     """Losses and agreement on held-out rows: the proxy that sweeps and settings are chosen by."""
     totals = {"reconstruction_loss": 0.0, "alignment_loss": 0.0}
     students, teachers, count = [], [], 0
     for start in range(0, len(rows), spec.micro_batch_size):
         chunk = rows[start : start + spec.micro_batch_size]
         batch = model.collate([r["query"] for r in chunk], [r["response"] for r in chunk], [r["teacher"] for r in chunk], spec.max_response_tokens)
-        losses = model(batch, weights)
+        losses = model(batch, loss)
         totals["reconstruction_loss"] += losses.reconstruction.item() * len(chunk)
         totals["alignment_loss"] += losses.alignment.item() * len(chunk)
         students.append(losses.embedding)
         teachers.append(batch.teacher)
         count += len(chunk)
-    agreement = embedding_metrics(torch.cat(students), torch.cat(teachers))
+    students, teachers = torch.cat(students), torch.cat(teachers)
+    agreement = embedding_metrics(students, teachers) | {"retrieval_accuracy": retrieval_accuracy(students, teachers)}
     return {f"holdout_{key}": value / count for key, value in totals.items()} | {
         f"holdout_{key}": value for key, value in agreement.items()
     }

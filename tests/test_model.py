@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from components.model import LLM2VecGen
+from components.spec import LossSpec
 from tests.conftest import ARCHITECTURES, tiny_spec_for
 
 QUERIES = [f"question {i}: what is {word}?" for i, word in enumerate(["red", "blue", "green", "cats", "dogs", "rain", "snow", "wind"])]
@@ -100,7 +101,7 @@ def test_reconstruction_loss_equals_per_sample_cross_entropy(make_tiny_model):
 def test_alignment_loss_is_mse_to_teacher_of_mean_aligned_vectors(make_tiny_model):
     model = make_tiny_model("llama")
     batch = model.collate(QUERIES[:2], RESPONSES[:2], torch.ones(2, 16), 32)
-    losses = model(batch, weights=(0.0, 1.0))
+    losses = model(batch, LossSpec(reconstruction=0.0, alignment=1.0))
     with torch.no_grad():
         z, _ = model.compress(batch.query_ids, batch.query_mask)
         embedding = model.alignment(z).mean(dim=1)
@@ -209,3 +210,26 @@ def test_texts_that_spell_special_tokens_are_read_as_plain_text(make_tiny_model)
     assert ids.max().item() < model.backbone.config.vocab_size
     assert model.encode(tricky).shape == (16,)
     assert isinstance(model.decode(tricky, max_new_tokens=2), str)
+
+
+def test_cosine_alignment_loss_is_one_minus_cosine_and_ignores_scale(make_tiny_model):
+    model = make_tiny_model("llama")
+    teacher = torch.randn(2, 16, generator=torch.Generator().manual_seed(3))
+    batch = model.collate(QUERIES[:2], RESPONSES[:2], teacher, 32)
+    losses = model(batch, LossSpec(reconstruction=0.0, alignment=1.0, alignment_kind="cosine"))
+    with torch.no_grad():
+        _, embedding = model.compress(batch.query_ids, batch.query_mask)
+    expected = (1 - F.cosine_similarity(embedding, teacher, dim=-1)).mean().item()
+    assert losses.alignment.item() == pytest.approx(expected, rel=1e-5)
+    scaled = model.collate(QUERIES[:2], RESPONSES[:2], teacher * 7.0, 32)
+    assert model(scaled, LossSpec(reconstruction=0.0, alignment_kind="cosine")).alignment.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_token_lengths_count_what_collate_feeds_the_model(make_tiny_model):
+    model = make_tiny_model("llama")
+    responses = ["short", "a much longer answer " * 5]
+    lengths = model.token_lengths(QUERIES[:2], responses, max_response_tokens=12)
+    for index, length in enumerate(lengths):
+        batch = model.collate([QUERIES[index]], [responses[index]], torch.zeros(1, 16), 12)
+        assert length == int(batch.query_mask.sum() + batch.response_mask.sum())
+    assert lengths[1] - model.tokenize_queries([QUERIES[1]])[1].sum().item() == 12  # capped

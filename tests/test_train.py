@@ -11,7 +11,15 @@ import pytest
 from components.model import LLM2VecGen
 from components.spec import load_spec
 from components.tracking import resolve_model
-from components.training import Row, batch_schedule, lr_factor, micro_batches
+from components.training import (
+    Row,
+    batch_schedule,
+    centered_targets,
+    lr_factor,
+    mean_target,
+    micro_batches,
+    retrieval_accuracy,
+)
 from workflows.train import run_train
 
 WORDS = ["red", "blue", "green", "cats", "dogs", "rain", "snow", "wind"]
@@ -73,7 +81,9 @@ def test_two_worker_deepspeed_run_lowers_loss_and_is_tracked_and_registered(ray_
 def test_a_killed_worker_resumes_from_its_checkpoint_with_the_right_step_count(ray_session, tmp_path, monkeypatch):
     marker = tmp_path / "killed-once"
     monkeypatch.setenv("LLM2VEC_GEN_FAIL_AT_STEP", f"6:{marker}")
-    spec = spec_for(tmp_path, "tracking.enabled=false", "training.max_failures=1")
+    # Also runs the quality options through the real loop: centred targets, cosine alignment, own LR for the rows.
+    spec = spec_for(tmp_path, "tracking.enabled=false", "training.max_failures=1", "loss.center_targets=true",
+                    "loss.alignment_kind=cosine", "training.special_lr_scale=10")
     result = run_train(spec, ROWS, embedding_dim=64, rows_fingerprint="rows-b")
     assert marker.exists()  # the worker really died at step 6 (after the step-4 checkpoint)
     assert result["steps"] == 12
@@ -122,3 +132,24 @@ def test_holdout_is_a_stable_exact_fraction_chosen_by_id():
     again_train, again_held = split_holdout(list(reversed(rows)), 0.25)
     assert {r.id for r in again_held} == {r.id for r in held}
     assert split_holdout(rows[:3], 0.01)[1] and split_holdout(rows, 0.0) == (rows, [])
+
+
+def test_centred_targets_have_zero_training_mean_and_keep_differences():
+    rows = [{"id": str(i), "teacher": [float(i), 2.0 * i + 1.0]} for i in range(4)]
+    mean = mean_target(rows)
+    assert mean == pytest.approx([1.5, 4.0])
+    centred = centered_targets(rows, mean)
+    assert np.asarray([r["teacher"] for r in centred]).mean(0) == pytest.approx([0.0, 0.0])
+    assert centred[3]["teacher"][0] - centred[0]["teacher"][0] == pytest.approx(3.0)
+    assert rows[0]["teacher"] == [0.0, 1.0]  # the input rows are not modified
+
+
+def test_retrieval_accuracy_counts_rows_whose_own_target_is_nearest():
+    import torch
+
+    teacher = torch.eye(4)
+    assert retrieval_accuracy(teacher * 3, teacher) == 1.0
+    # Predicting the same (average) vector for every row finds only one row's target: collapse scores low.
+    assert retrieval_accuracy(torch.ones(4, 4), teacher) == 0.25
+    swapped = teacher[[1, 0, 2, 3]]
+    assert retrieval_accuracy(swapped, teacher) == 0.5

@@ -123,11 +123,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from components.model import LLM2VecGen
     from components.training import (
         batch_schedule,
+        centered_targets,
         decoded_samples,
         deepspeed_config,
         embedding_metrics,
         holdout_metrics,
         lr_factor,
+        mean_target,
     )
 
     spec = validate_spec(config["spec"], source="train_loop_config")
@@ -142,13 +144,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if training.use_gpu else torch.device("cpu")
     model.to(device)
     rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda row: row["id"])
-    lengths = [len(row["response"]) + len(row["query"]) for row in rows]
+    lengths = model.token_lengths([r["query"] for r in rows], [r["response"] for r in rows], training.max_response_tokens)
     holdout_shard = ray.train.get_dataset_shard("holdout") if "holdout" in config["datasets"] else None
     holdout = sorted(holdout_shard.iter_rows(), key=lambda row: row["id"]) if holdout_shard else []
+    if spec.loss.center_targets:
+        mean = mean_target(rows)  # from the training rows only, applied to the held-out ones alike
+        rows, holdout = centered_targets(rows, mean), centered_targets(holdout, mean)
     eval_every = training.eval_every or training.checkpoint_every
     in_sweep = config.get("in_sweep", False)
 
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=training.lr, weight_decay=training.weight_decay)
+    special = [model.special_embeddings]
+    others = [p for p in model.trainable_parameters() if p is not model.special_embeddings]
+    optimizer = torch.optim.AdamW(
+        [{"params": special, "lr": training.lr * training.special_lr_scale}, {"params": others, "lr": training.lr}],
+        weight_decay=training.weight_decay,
+    )
     schedule_steps = training.schedule_steps or training.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, training.warmup_steps, schedule_steps)
@@ -166,7 +176,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("rank %d resumed at step %d", rank, start_step)
 
     tracker = _Tracker(spec, config["name"], run_id, config.get("parent_run_id")) if rank == 0 and spec.tracking.enabled else None
-    weights = (spec.loss.reconstruction, spec.loss.alignment)
     window: dict[str, list[float]] = {}
     tokens, samples, window_start, grad_norm = 0, 0, time.perf_counter(), 0.0
     for step, micro, indices in batch_schedule(lengths, training, rank, world_size):
@@ -178,7 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batch = model.collate(
             [r["query"] for r in chosen], [r["response"] for r in chosen], [r["teacher"] for r in chosen], training.max_response_tokens
         )
-        losses = engine(batch, weights)
+        losses = engine(batch, spec.loss)
         engine.backward(losses.total)
         if engine.is_gradient_accumulation_boundary():
             grad_norm = _grad_norm(model)
@@ -200,7 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {key: sum(values) / len(values) for key, values in window.items()}
         metrics |= {
             "step": done,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": scheduler.get_last_lr()[-1],
             "grad_norm": grad_norm,
             "samples_per_s": samples * world_size / elapsed,
             "tokens_per_s": tokens * world_size / elapsed,
@@ -210,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Under a sweep every report must carry the held-out metric the scheduler compares trials by.
         evaluating = done % eval_every == 0 or done == training.max_steps or (reporting and in_sweep)
         if rank == 0 and holdout and evaluating:
-            metrics |= holdout_metrics(model, holdout, training, weights)
+            metrics |= holdout_metrics(model, holdout, training, spec.loss)
             if tracker and training.decode_samples:
                 tracker.log_text(decoded_samples(model, holdout[: training.decode_samples]), f"decoded/step_{done:06d}.txt")
         if tracker:
