@@ -219,8 +219,9 @@ class LLM2VecGen(nn.Module):
             return (1 - F.cosine_similarity(embedding, teacher, dim=-1)).mean()
         return F.mse_loss(embedding, teacher)
 
-    def forward(self, batch: TrainingBatch, loss: LossSpec = LossSpec()) -> Losses:
-        """The training objective, weighted as in `loss`."""
+    def forward(self, batch: TrainingBatch, loss: LossSpec | None = None) -> Losses:
+        """The training objective, weighted as in `loss` (default: the paper's, 1 * recon + 1 * MSE)."""
+        loss = loss or LossSpec()
         z, embedding = self.compress(batch.query_ids, batch.query_mask)
         # A zero weight skips the pass entirely: the reconstruction pass is most of a step's compute.
         reconstruction = (
