@@ -140,9 +140,13 @@ def retrieval_accuracy(student: torch.Tensor, teacher: torch.Tensor) -> float:
     """Share of rows whose own teacher vector is the nearest (cosine) of all the rows' teacher vectors.
 
     Unlike the mean cosine to its own target, this cannot be met by predicting the average answer: it
-    measures whether embeddings tell answers apart, which is what retrieval and STS ask of them.
+    measures whether embeddings tell answers apart, which is what retrieval and STS ask of them. Both sides
+    are centred on their own mean first, so runs trained on centred and on raw targets (which differ by a
+    constant offset) are scored alike.
     """
-    similarity = F.normalize(student.float(), dim=-1) @ F.normalize(teacher.float(), dim=-1).T
+    student, teacher = student.float(), teacher.float()
+    student, teacher = student - student.mean(0), teacher - teacher.mean(0)
+    similarity = F.normalize(student, dim=-1) @ F.normalize(teacher, dim=-1).T
     hits = similarity.argmax(dim=1) == torch.arange(student.shape[0], device=student.device)
     return hits.float().mean().item()
 

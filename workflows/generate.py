@@ -29,9 +29,10 @@ import pyarrow.parquet as pq
 
 from components.generation import ResponseGenerator, backbone_identity, check_backend
 from components.queries import QuerySelection, load_queries
-from components.spec import Spec, SpecError, load_spec
+from components.spec import Spec
 from components.stages import ActorPool, ShardedOutput, run_sharded
 from components.teacher import TeacherEmbedder, teacher_fingerprint
+from workflows._cli import add_spec_arguments, spec_from_args
 
 log = logging.getLogger("workflows.generate")
 
@@ -139,14 +140,11 @@ def vector_dimension(output: ShardedOutput) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("spec", help="a spec file, e.g. specs/smollm2-135m.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    add_spec_arguments(parser)
     parser.add_argument("--teach", action="store_true", help="also embed the responses with the teacher")
     args = parser.parse_args(argv)
-    try:
-        spec = load_spec(args.spec, args.set)
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
+    spec = spec_from_args(args)
+    if spec is None:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     folder = run_teach(spec) if args.teach else run_generate(spec)

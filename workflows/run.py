@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from components.spec import Spec, SpecError, load_spec
+from components.spec import Spec
+from workflows._cli import add_spec_arguments, spec_from_args
 
 log = logging.getLogger("workflows.run")
 
@@ -88,8 +89,7 @@ DEFAULT_STAGES = ["generate", "teach", "train"]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m workflows.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("spec", help="a spec file, e.g. specs/smollm2-135m.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key (dotted path)")
+    add_spec_arguments(parser)
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma-separated, from: {', '.join(STAGES)}")
     parser.add_argument("--dry-run", action="store_true", help="validate the spec and exit")
     parser.add_argument("--print-spec", action="store_true", help="print the fully resolved spec")
@@ -98,10 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        spec = load_spec(args.spec, args.set)
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
+    spec = spec_from_args(args)
+    if spec is None:
         return 2
     if args.print_spec:
         print(spec.to_yaml(), end="")

@@ -14,20 +14,17 @@ import sys
 import pyarrow.parquet as pq
 
 from components.generation import load_tokenizer, render_prompt
-from components.spec import SpecError, load_spec
+from workflows._cli import add_spec_arguments, spec_from_args
 from workflows.generate import plan_generate
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows.show_responses", description=__doc__.split("\n\n")[0])
-    parser.add_argument("spec", help="a spec file, e.g. specs/smollm2-135m.yaml")
+    add_spec_arguments(parser)
     parser.add_argument("-n", type=int, default=5, help="how many rows to show (lowest ids first)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
     args = parser.parse_args(argv)
-    try:
-        spec = load_spec(args.spec, args.set)
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
+    spec = spec_from_args(args)
+    if spec is None:
         return 2
     output, _ = plan_generate(spec, create=False)
     present = [path for path in output.shard_paths() if path.is_file()]

@@ -17,7 +17,8 @@ import os
 import sys
 from typing import Any
 
-from components.spec import SearchDimension, Spec, SpecError, load_spec, validate_spec
+from components.spec import SearchDimension, Spec, SpecError, validate_spec
+from workflows._cli import add_spec_arguments, spec_from_args
 
 log = logging.getLogger("workflows.sweep")
 
@@ -128,16 +129,14 @@ def run_sweep(spec: Spec) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows.sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("spec")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_spec_arguments(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    try:
-        spec = load_spec(args.spec, args.set)
-        if spec.sweep is None:
-            raise SpecError(f"{args.spec}: sweep: required key is missing (this command needs a sweep section)")
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
+    spec = spec_from_args(args)
+    if spec is None:
+        return 2
+    if spec.sweep is None:
+        print(f"error: {args.spec}: sweep: required key is missing (this command needs a sweep section)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
