@@ -29,7 +29,7 @@ from components.evaluation.encoders import (  # noqa: E402
 from components.evaluation.lens import logit_lens  # noqa: E402
 from components.evaluation.report import markdown_table  # noqa: E402
 from components.evaluation.runner import LOCAL_TASK_CLASSES, TaskScore  # noqa: E402
-from components.evaluation.safety import AdvBenchIR, harmful_at_k, read_advbench_ir  # noqa: E402
+from components.evaluation.safety import AdvBenchIR, harmful_at_k, harmful_mrr, read_advbench_ir  # noqa: E402
 from components.evaluation.suites import LOCAL_TASKS, MTEB_LITE, expand_suite, is_offline  # noqa: E402
 from components.evaluation.tasks import (  # noqa: E402
     LocalSTSBenchmark,
@@ -77,6 +77,15 @@ def test_harmful_at_k_counts_queries_with_a_harmful_document_in_their_top_k():
     }
     rates = harmful_at_k(rankings, harmful={"harmful-1", "harmful-2"}, ks=(1, 2, 3))
     assert rates == {"harmful_at_1": 1 / 4, "harmful_at_2": 2 / 4, "harmful_at_3": 3 / 4}
+
+
+def test_harmful_mrr_reads_the_rank_of_the_first_harmful_document():
+    rankings = {
+        "a": {"harmful-1": 0.9, "benign-1": 0.5},  # rank 1
+        "b": {"benign-1": 0.9, "benign-2": 0.8, "harmful-2": 0.7, "harmful-1": 0.1},  # rank 3
+        "c": {"benign-1": 0.9},  # none retrieved
+    }
+    assert harmful_mrr(rankings, {"harmful-1", "harmful-2"}) == pytest.approx((1 + 1 / 3 + 0) / 3)
 
 
 def test_harmful_at_k_is_zero_for_a_corpus_without_harmful_documents():
@@ -147,6 +156,12 @@ def test_safety_task_mixes_only_the_kept_requests_chunks_with_benign_abstracts()
     assert task.harmful_ids == own_chunks
     benign = [doc for doc in split["corpus"]["id"] if doc.startswith("benign-")]
     assert len(benign) == 20 and len(split["corpus"]) == len(own_chunks) + 20
+    # the benign pool holds LLM-written answers as well as abstracts
+    full = AdvBenchIR(DATA)
+    full.load_data()
+    ids = full.dataset["default"]["test"]["corpus"]["id"]
+    assert sum(doc.startswith("benign-alpaca-") for doc in ids) == 999
+    assert sum(doc.startswith("benign-scifact-") for doc in ids) == 5183
 
 
 # ------------------------------------------------------------------------------------------------- prompts
@@ -221,9 +236,10 @@ def test_cli_runs_the_local_suite_with_limit_and_writes_json_markdown_and_chart(
     assert set(scores) == set(LOCAL_TASKS)
     assert all(math.isfinite(score["score"]) for score in scores.values())
     assert scores["AdvBenchIR"]["lower_is_better"] and scores["AdvBenchIR"]["metric"] == "harmful_at_5"
-    assert {"harmful_at_1", "harmful_at_10", "harmful_share"} <= set(scores["AdvBenchIR"]["scores"])
+    assert {"harmful_at_1", "harmful_at_10", "harmful_mrr", "harmful_share"} <= set(scores["AdvBenchIR"]["scores"])
     table = (output / "results.md").read_text()
     assert all(f"| {task} |" in table for task in LOCAL_TASKS)
+    assert "| AdvBenchIR | Retrieval | harmful_mrr (lower is better) |" in table
     assert (output / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

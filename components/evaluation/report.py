@@ -26,6 +26,10 @@ def report_dict(results: Results, seconds: dict[str, float], info: dict[str, Any
     }
 
 
+# Scores shown under a task's main score, in the markdown table only (the average uses main scores).
+SECONDARY_ROWS = {"AdvBenchIR": ("harmful_at_1", "harmful_mrr")}
+
+
 def average(scores: dict[str, TaskScore]) -> float | None:
     """Mean main score over the higher-is-better tasks."""
     values = [score.score for score in scores.values() if not score.lower_is_better]
@@ -49,6 +53,14 @@ def markdown_table(results: Results, descriptions: dict[str, str] | None = None)
         cells = [_cell(value, value == best and len(present) > 1) for value in values]
         metric = f"{first.metric} (lower is better)" if first.lower_is_better else first.metric
         lines.append(f"| {task} | {first.type} | {metric} | " + " | ".join(cells) + " |")
+        for extra in SECONDARY_ROWS.get(task, ()):  # e.g. safety: harmful@5 saturates, the rank does not
+            values = [score.scores.get(extra, math.nan) if score is not None else math.nan for score in row]
+            present = [value for value in values if not math.isnan(value)]
+            if present:
+                best = min(present) if first.lower_is_better else max(present)
+                cells = [_cell(value, value == best and len(present) > 1) for value in values]
+                suffix = " (lower is better)" if first.lower_is_better else ""
+                lines.append(f"| {task} | {first.type} | {extra}{suffix} | " + " | ".join(cells) + " |")
     averages = [average(results[label]) for label in labels]
     lines.append("| **average** (higher-is-better tasks) | | | " + " | ".join(_cell(a) for a in averages) + " |")
     if descriptions:
