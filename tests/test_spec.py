@@ -33,7 +33,7 @@ def test_every_shipped_spec_is_valid_and_opens_with_a_comment_and_command(path):
     assert isinstance(spec, Spec)
     head = path.read_text().splitlines()[:6]
     assert head[0].startswith("# ")
-    assert any("python -m workflows.run" in line for line in head), head
+    assert any("python -m workflows.run" in line or "python -m workflows.sweep" in line for line in head), head
 
 
 def test_qwen_spec_has_the_papers_settings():

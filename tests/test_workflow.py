@@ -23,7 +23,8 @@ import yaml
 from components.model import LLM2VecGen
 from components.spec import load_spec
 
-NQ = Path("../shared/data/nq_open/NQ-open.dev.jsonl").resolve()
+DATA = Path("../shared/data").resolve()
+NQ = DATA / "nq_open" / "NQ-open.dev.jsonl"
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -85,6 +86,8 @@ def test_ray_job_submit_runs_the_tiny_spec_and_produces_a_model(ray_head, tmp_pa
         f"{VENV_BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
         "python", "-m", "workflows.run", "specs/tiny.yaml",
         "--set", f"output_dir={output}", "--set", f"data.sources[0].path={NQ}", "--set", "data.limit=12",
+        # The job runs in a copy of the working dir, where ../shared/data does not exist: absolute paths.
+        "--set", f"evaluation.data_dir={DATA}", "--set", "evaluation.tasks=[LocalSTSBenchmark,LocalSciFact]",
     ]
     # `ray start --head` turns on token auth (token in ~/.ray/auth_token); the client sends it in token mode.
     deadline = time.monotonic() + 120
@@ -101,6 +104,11 @@ def test_ray_job_submit_runs_the_tiny_spec_and_produces_a_model(ray_head, tmp_pa
     assert LLM2VecGen.load(model_dirs[0]).encode(["is it raining?"]).shape == (1, 64)
     summary = json.loads((model_dirs[0].parent / "result.json").read_text())
     assert summary["steps"] == load_spec("specs/tiny.yaml").training.max_steps
+    # the evaluate stage ran by default and the job's summary ends with its score table
+    reports = list(output.glob("evaluation/*/results.json"))
+    assert len(reports) == 1
+    assert set(json.loads(reports[0].read_text())["models"]["llm2vec-gen"]) == {"LocalSTSBenchmark", "LocalSciFact"}
+    assert "| LocalSciFact | Retrieval | ndcg_at_10 |" in result.stdout
 
 
 def test_a_tiny_sweep_runs_each_trial_under_one_parent_run_and_writes_the_best_spec(tmp_path):

@@ -19,6 +19,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -114,16 +115,22 @@ def stage_evaluate(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
     if not suite_tasks(spec.evaluation):
         log.info("evaluation.suite is 'none' and evaluation.tasks is empty: nothing to evaluate")
         return {}
+    # One report per (trained model, evaluation settings): a rerun of the same spec reuses it.
+    output = spec.run_dir / "evaluation" / f"{Path(train['model_dir']).parent.name}-{spec.fingerprint('evaluation', 'teacher')}"
+    markdown = output / "results.md"
+    if (output / "results.json").is_file() and markdown.is_file():
+        log.info("evaluate: %s exists, skipping", output)
+        return {"report": str(markdown), "averages": json.loads((output / "results.json").read_text())["averages"]}
     tracking = spec.tracking.enabled and train.get("mlflow_tracking_uri")
     report = run_evaluation(
         train["model_dir"],
         spec.evaluation,
-        spec.run_dir / "evaluation",
+        output,
         teacher=spec.teacher,
         tracking_uri=train.get("mlflow_tracking_uri") if tracking else None,
         run_id=train.get("mlflow_run_id") if tracking else None,
     )
-    return {"report": report["paths"]["markdown"], "averages": report["averages"]}
+    return {"report": str(report["paths"]["markdown"]), "averages": report["averages"]}
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

@@ -3,7 +3,8 @@
     python -m workflows.run SPEC [--set key=value ...] [--stages generate,teach,train,evaluate] [--dry-run] [--print-spec]
 
 generate (the frozen LLM answers the queries) -> teach (the teacher embeds the answers) -> train (Ray Train +
-DeepSpeed; MLflow run and registered model). Each stage is skipped when its output exists for the same
+DeepSpeed; MLflow run and registered model) -> evaluate (the spec's evaluation suite; scores into the same MLflow
+run; `evaluation.suite: none` skips it). Each stage is skipped when its output exists for the same
 inputs, so a rerun after a failure continues where it stopped. Connects to the cluster in RAY_ADDRESS (as under
 `ray job submit`), else starts a local Ray on loopback. A bad spec exits with status 2 and a message naming the
 key; a failing stage exits with status 1 and names the stage.
@@ -17,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from components.spec import Spec
@@ -83,8 +85,7 @@ STAGES: dict[str, Callable[[Spec, dict[str, Any]], Any]] = {
     "train": stage_train,
     "evaluate": stage_evaluate,
 }
-# evaluate is opt-in for now: the local suite takes long on a CPU (see workflows/evaluate.py).
-DEFAULT_STAGES = ["generate", "teach", "train"]
+DEFAULT_STAGES = ["generate", "teach", "train", "evaluate"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -152,8 +153,12 @@ def summary(spec: Spec, results: dict[str, Any], timings: dict[str, float]) -> s
             lines.append(f"  {label:<12} {train[key]}")
     if train.get("mlflow_tracking_uri"):
         lines.append(f"  open with:   mlflow ui --backend-store-uri {train['mlflow_tracking_uri']}")
-    if (results.get("evaluate") or {}).get("report"):
-        lines.append(f"  evaluation   {results['evaluate']['report']}")
+    report = (results.get("evaluate") or {}).get("report")
+    if report:
+        lines.append(f"  evaluation   {report}")
+        # The score table itself (tasks x models), as the report has it.
+        table = [line for line in Path(report).read_text().splitlines() if line.startswith("|")]
+        lines += [f"  {line}" for line in table]
     lines.append("  stage        seconds")
     lines += [f"  {name:<12} {seconds:8.1f}" for name, seconds in timings.items()]
     return "\n".join(lines)
