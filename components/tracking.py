@@ -21,6 +21,10 @@ def tracking_uri(spec: Spec) -> str:
         return spec.tracking.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    return local_store(spec)
+
+
+def local_store(spec: Spec) -> str:
     return f"sqlite:///{(spec.run_dir / 'mlflow.db').resolve()}"
 
 
@@ -29,11 +33,13 @@ def start_run(spec: Spec, run_name: str, run_id: str | None = None, parent_run_i
     import mlflow
 
     spec.run_dir.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri(spec))
+    uri = tracking_uri(spec)
+    # (set_tracking_uri also exports MLFLOW_TRACKING_URI, so "is the store local" is decided by the URI itself.)
+    mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(spec.tracking.experiment)
     if experiment is None:
-        # With a local store, artifacts live beside it in the run folder instead of ./mlruns of the caller.
-        location = None if spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") else (spec.run_dir / "mlartifacts").resolve().as_uri()
+        # With the local store, artifacts live beside it in the run folder instead of ./mlruns of the caller.
+        location = (spec.run_dir / "mlartifacts").resolve().as_uri() if uri == local_store(spec) else None
         experiment_id = mlflow.create_experiment(spec.tracking.experiment, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id

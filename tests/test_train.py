@@ -153,3 +153,16 @@ def test_retrieval_accuracy_counts_rows_whose_own_target_is_nearest():
     assert retrieval_accuracy(torch.ones(4, 4), teacher) == 0.25
     swapped = teacher[[1, 0, 2, 3]]
     assert retrieval_accuracy(swapped, teacher) == 0.5
+
+
+def test_local_store_keeps_artifacts_in_the_run_folder_even_after_the_uri_was_exported(tmp_path, monkeypatch):
+    from components.tracking import start_run
+
+    spec = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "tracking.experiment=artifacts-here"])
+    monkeypatch.chdir(tmp_path)
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: an earlier run in the same process leaves it set.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}")
+    with start_run(spec, run_name="r"):
+        mlflow.log_text("hello", "note.txt")
+    assert list((tmp_path / "run" / "mlartifacts").rglob("note.txt"))
+    assert not (tmp_path / "mlruns").exists()
