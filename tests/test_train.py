@@ -166,3 +166,16 @@ def test_local_store_keeps_artifacts_in_the_run_folder_even_after_the_uri_was_ex
         mlflow.log_text("hello", "note.txt")
     assert list((tmp_path / "run" / "mlartifacts").rglob("note.txt"))
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_latest_checkpoint_is_the_newest_completely_written_one(tmp_path):
+    import json
+
+    from workflows.train import COMPLETE, latest_checkpoint
+
+    assert latest_checkpoint(tmp_path) is None
+    for name, step, complete in [("checkpoint_a", 4, True), ("checkpoint_b", 8, True), ("checkpoint_c", 12, False)]:
+        (tmp_path / name / "state").mkdir(parents=True)
+        if complete:
+            (tmp_path / name / COMPLETE).write_text(json.dumps({"step": step}))
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_b"  # c was cut off before it was complete

@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"best {spec.sweep.metric} = {outcome['best_metric']:.6g} with {outcome['best_config']}")
     print(f"best spec: {outcome['best_spec']} ({outcome['trials']} trials, {outcome['errors']} errors)")
+    if outcome["errors"]:
+        print(f"error: {outcome['errors']} of {outcome['trials']} trials failed (the best spec is of those that finished); "
+              f"run the same command again to resume them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -26,6 +26,7 @@ from components.training import Row, split_holdout
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+COMPLETE = "complete.json"  # written into a checkpoint folder last: a resume may start from it
 
 
 def rows_from_targets(folder: str | Path) -> tuple[list[Row], int, str]:
@@ -72,6 +73,7 @@ def run_train(
     if (model_dir / "llm2vec_gen.json").is_file():
         log.info("training: %s exists, skipping", model_dir)
         return json.loads((output / "result.json").read_text())
+    storage = (spec.run_dir / "ray_train").resolve()
     train_rows, holdout_rows = split_holdout(rows, spec.data.holdout_fraction)
     datasets = {"train": _dataset(train_rows)} | ({"holdout": _dataset(holdout_rows)} if holdout_rows else {})
     trainer = TorchTrainer(
@@ -85,6 +87,7 @@ def run_train(
             "datasets": sorted(datasets),
             "parent_run_id": parent_run_id,
             "in_sweep": bool(callbacks),
+            "checkpoints": str(storage / name),
         },
         scaling_config=ScalingConfig(num_workers=spec.training.num_workers, use_gpu=spec.training.use_gpu),
         torch_config=TorchConfig(backend="nccl" if spec.training.use_gpu else "gloo"),
@@ -93,7 +96,7 @@ def run_train(
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(
             name=name,
-            storage_path=str((spec.run_dir / "ray_train").resolve()),
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=spec.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],
@@ -169,10 +172,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     start_step, run_id = 0, None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    # Ray registers a reported checkpoint only when its controller next polls the workers: a run that dies just
+    # after reporting (or a driver killed) leaves a newer, complete checkpoint on disk than the one Ray hands back,
+    # or none at all. A re-run of the same spec starts from the newest complete one (same name, same folder).
+    on_disk = latest_checkpoint(Path(config["checkpoints"])) if config.get("checkpoints") else None
+    if on_disk is not None:
+        _, client_state = engine.load_checkpoint(str(on_disk), tag="state")
+        start_step, run_id = client_state["step"], client_state.get("mlflow_run_id")
+    elif checkpoint:
         with checkpoint.as_directory() as folder:
             _, client_state = engine.load_checkpoint(folder, tag="state")
             start_step, run_id = client_state["step"], client_state.get("mlflow_run_id")
+    if start_step:
         log.info("rank %d resumed at step %d", rank, start_step)
 
     tracker = _Tracker(spec, config["name"], run_id, config.get("parent_run_id")) if rank == 0 and spec.tracking.enabled else None
@@ -247,7 +258,15 @@ def _report_checkpoint(engine, metrics: dict[str, float], step: int, run_id: str
         # Only the trained tensors, optimizer and scheduler state: the frozen backbone is never copied.
         engine.save_checkpoint(folder, tag="state", client_state={"step": step, "mlflow_run_id": run_id})
         written = any(Path(folder).rglob("*.pt"))
+        if written:
+            (Path(folder) / COMPLETE).write_text(json.dumps({"step": step}))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if written else None)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint folder under a Ray Train run folder that was completely written (has COMPLETE)."""
+    complete = [folder for folder in root.glob("checkpoint_*") if (folder / COMPLETE).is_file() and (folder / "state").is_dir()]
+    return max(complete, key=lambda folder: json.loads((folder / COMPLETE).read_text())["step"], default=None)
 
 
 def _maybe_inject_failure(fail_at: str | None, step: int, rank: int, world_size: int) -> None:
