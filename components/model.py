@@ -51,7 +51,7 @@ class ModelConfig(BaseModel):
     compression_tokens: int
     hidden_size: int
     embedding_dim: int
-    reconstruction_init: Literal["random", "identity"] = "random"
+    reconstruction_init: Literal["random", "identity", "moments"] = "random"
     max_query_tokens: int = 512
     prompts: dict[str, str] = {}
     teacher: str = ""  # provenance only: what the alignment targets came from
@@ -105,7 +105,7 @@ class LLM2VecGen(nn.Module):
             self.special_embeddings = nn.Parameter(start)  # (K, H)
             self.reconstruction = nn.Linear(hidden, hidden)  # W_r: hidden state -> input embedding space
             self.alignment = nn.Linear(hidden, config.embedding_dim)  # W_a: input space -> teacher space
-        if config.reconstruction_init == "identity":
+        if config.reconstruction_init in ("identity", "moments"):  # moments: refined by fit_heads from data
             with torch.no_grad():
                 self.reconstruction.weight.copy_(torch.eye(hidden))
                 self.reconstruction.bias.zero_()
@@ -196,6 +196,28 @@ class LLM2VecGen(nn.Module):
 
     def compress(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.project(self.compression_states(query_ids, query_mask))
+
+    @torch.no_grad()
+    def fit_heads(self, queries: Sequence[str], targets: torch.Tensor, reconstruction: str, alignment: str,
+                  ridge: float, batch_size: int = 16) -> None:
+        """Data-dependent starts of the two projections (see ModelSpec): from the compression states of `queries`
+        under the current special tokens, and the teacher `targets` (N, D) of their answers."""
+        if reconstruction != "moments" and alignment != "ridge":
+            return
+        states = torch.cat([
+            self.compression_states(*self.tokenize_queries(queries[start : start + batch_size]))
+            for start in range(0, len(queries), batch_size)
+        ])  # (N, C, H)
+        if reconstruction == "moments":
+            vocabulary = self.backbone.get_input_embeddings().weight.detach().float()
+            scale, shift = moment_matching(states.reshape(-1, states.shape[-1]), vocabulary)
+            self.reconstruction.weight.copy_(torch.diag(scale))
+            self.reconstruction.bias.copy_(shift)
+        if alignment == "ridge":
+            z_mean = self.reconstruction(states).mean(dim=1)  # (N, H): the embedding is linear in it
+            weight, bias = ridge_readout(z_mean, targets.float().to(z_mean.device), ridge)
+            self.alignment.weight.copy_(weight)
+            self.alignment.bias.copy_(bias)
 
     # ------------------------------------------------------------------------------------------- losses
 
@@ -355,6 +377,27 @@ class LLM2VecGen(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def moment_matching(states: torch.Tensor, embeddings: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension (scale, shift) with scale * states + shift having the mean and std of `embeddings`, per dim.
+
+    states: (N, H) hidden states; embeddings: (V, H) the vocabulary's input embeddings.
+    """
+    scale = embeddings.std(0) / (states.std(0) + eps)
+    return scale, embeddings.mean(0) - scale * states.mean(0)
+
+
+def ridge_readout(features: torch.Tensor, targets: torch.Tensor, ridge: float, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (D, H), b (D,)) minimising |W x + b - t|^2 + ridge * n * |W'|^2 over the rows, where W' acts on features
+    standardised per dimension: one penalty then suits every dimension, however anisotropic the features are."""
+    mean, std = features.mean(0), features.std(0) + eps
+    standard = ((features - mean) / std).double()  # (N, H)
+    centred = (targets - targets.mean(0)).double()  # (N, D)
+    gram = standard.T @ standard + ridge * len(features) * torch.eye(features.shape[1], dtype=torch.float64, device=features.device)
+    solution = torch.linalg.solve(gram, standard.T @ centred)  # (H, D), on standardised features
+    weight = (solution / std.double()[:, None]).T.float()  # (D, H), on raw features
+    return weight, (targets.mean(0) - weight @ mean).float()
 
 
 def check_texts(texts: Sequence[str]) -> list[str]:

@@ -139,9 +139,22 @@ class LossSpec(Section):
 
 
 class ModelSpec(Section):
-    """Choices of the trainable head and the instructions stored with the model."""
+    """Choices of the trainable head and the instructions stored with the model.
 
-    reconstruction_init: Literal["random", "identity"] = "random"
+    The LLM's last hidden states are highly anisotropic (at the compression positions of SmolLM2-135M the mean
+    vector is ~6x longer than the typical deviation from it), so randomly initialised projections spend most
+    of a short training learning to cancel that shared direction. Two data-dependent starts, computed before
+    training from `init_samples` training queries with the untrained special tokens:
+    reconstruction_init: random | identity | moments (identity with a per-dimension scale and shift that maps
+        the states' mean and spread onto those of the vocabulary's input embeddings: z then looks like tokens);
+    alignment_init: random | ridge (the ridge-regression readout from the mean of z to the teacher targets,
+        computed on standardised features with penalty init_ridge * n: a linear probe as the starting point).
+    """
+
+    reconstruction_init: Literal["random", "identity", "moments"] = "random"
+    alignment_init: Literal["random", "ridge"] = "random"
+    init_samples: int = Field(512, ge=2)
+    init_ridge: float = Field(0.1, gt=0)
     max_query_tokens: int = Field(512, ge=1)
     # Instructions prefixed to a text before encoding, by name; the paper phrases inputs as requests to answer.
     prompts: dict[str, str] = Field(

@@ -233,3 +233,45 @@ def test_token_lengths_count_what_collate_feeds_the_model(make_tiny_model):
         batch = model.collate([QUERIES[index]], [responses[index]], torch.zeros(1, 16), 12)
         assert length == int(batch.query_mask.sum() + batch.response_mask.sum())
     assert lengths[1] - model.tokenize_queries([QUERIES[1]])[1].sum().item() == 12  # capped
+
+
+def test_moment_matching_maps_each_dimension_onto_the_embeddings_mean_and_spread():
+    from components.model import moment_matching
+
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(500, 6, generator=generator) * torch.tensor([1.0, 5, 50, 0.1, 2, 3]) + 40.0  # anisotropic
+    embeddings = torch.randn(300, 6, generator=generator) * 0.02 + 0.01
+    scale, shift = moment_matching(states, embeddings)
+    mapped = states * scale + shift
+    assert torch.allclose(mapped.mean(0), embeddings.mean(0), atol=1e-4)
+    assert torch.allclose(mapped.std(0), embeddings.std(0), rtol=1e-3)
+
+
+def test_ridge_readout_recovers_a_linear_map_from_anisotropic_features():
+    from components.model import ridge_readout
+
+    generator = torch.Generator().manual_seed(1)
+    # a large shared offset and very different scales per dimension, like an LLM's hidden states
+    features = torch.randn(400, 8, generator=generator) * torch.logspace(-2, 2, 8) + 100.0
+    true_weight, true_bias = torch.randn(3, 8, generator=generator), torch.randn(3, generator=generator)
+    targets = features @ true_weight.T + true_bias
+    weight, bias = ridge_readout(features, targets, ridge=1e-8)
+    assert torch.allclose(features @ weight.T + bias, targets, atol=1e-2 * targets.std().item())
+    # a strong penalty shrinks the map towards predicting the mean target
+    weight, bias = ridge_readout(features, targets, ridge=1e6)
+    assert torch.allclose(features @ weight.T + bias, targets.mean(0).expand_as(targets), atol=0.05 * targets.std().item())
+
+
+def test_fit_heads_starts_the_readout_at_the_least_squares_fit_of_the_targets(make_tiny_model):
+    model = make_tiny_model("llama")
+    teacher = torch.randn(len(QUERIES), model.config.embedding_dim, generator=torch.Generator().manual_seed(2))
+    before = model.alignment.weight.clone()
+    model.fit_heads(QUERIES, teacher, reconstruction="moments", alignment="ridge", ridge=1e-3)
+    assert not torch.equal(before, model.alignment.weight)
+    with torch.no_grad():
+        z, embedding = model.compress(*model.tokenize_queries(QUERIES))
+        vocabulary = model.backbone.get_input_embeddings().weight.float()
+    # z now has the vocabulary's per-dimension mean (moments), and 8 rows in a 64-d space are fitted closely (ridge)
+    assert torch.allclose(z.reshape(-1, z.shape[-1]).mean(0), vocabulary.mean(0), atol=1e-3)
+    residual = (embedding - teacher).pow(2).mean() / (teacher - teacher.mean(0)).pow(2).mean()
+    assert residual < 0.05

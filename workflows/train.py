@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from components.spec import Spec, validate_spec
@@ -153,6 +155,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if spec.loss.center_targets:
         mean = mean_target(rows)  # from the training rows only, applied to the held-out ones alike
         rows, holdout = centered_targets(rows, mean), centered_targets(holdout, mean)
+    # Ray registers a reported checkpoint only when its controller next polls the workers: a run that dies just
+    # after reporting (or a driver killed) leaves a newer, complete checkpoint on disk than the one Ray hands back,
+    # or none at all. A re-run of the same spec starts from the newest complete one (same name, same folder).
+    on_disk = latest_checkpoint(Path(config["checkpoints"])) if config.get("checkpoints") else None
+    checkpoint = ray.train.get_checkpoint()
+    resuming = on_disk is not None or checkpoint is not None
+    if not resuming and (spec.model.reconstruction_init == "moments" or spec.model.alignment_init == "ridge"):
+        # Every worker computes the same start from the same seeded sample (a resumed run loads its checkpoint).
+        started = time.perf_counter()
+        sample = [rows[i] for i in random.Random(training.seed).sample(range(len(rows)), min(spec.model.init_samples, len(rows)))]
+        model.fit_heads([r["query"] for r in sample], torch.tensor(np.asarray([r["teacher"] for r in sample]), dtype=torch.float32),
+                        spec.model.reconstruction_init, spec.model.alignment_init, spec.model.init_ridge)
+        log.info("heads fitted on %d training queries in %.1fs", len(sample), time.perf_counter() - started)
     eval_every = training.eval_every or training.checkpoint_every
     in_sweep = config.get("in_sweep", False)
 
@@ -171,11 +186,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     start_step, run_id = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    # Ray registers a reported checkpoint only when its controller next polls the workers: a run that dies just
-    # after reporting (or a driver killed) leaves a newer, complete checkpoint on disk than the one Ray hands back,
-    # or none at all. A re-run of the same spec starts from the newest complete one (same name, same folder).
-    on_disk = latest_checkpoint(Path(config["checkpoints"])) if config.get("checkpoints") else None
     if on_disk is not None:
         _, client_state = engine.load_checkpoint(str(on_disk), tag="state")
         start_step, run_id = client_state["step"], client_state.get("mlflow_run_id")
