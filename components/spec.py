@@ -155,6 +155,9 @@ class ModelSpec(Section):
     alignment_init: Literal["random", "ridge"] = "random"
     init_samples: int = Field(512, ge=2)
     init_ridge: float = Field(0.1, gt=0)
+    # After the last step, solve the alignment projection again (ridge) on the final compression states: the
+    # exact minimiser of the alignment loss (+ the ridge penalty) for the features training ended with.
+    refit_alignment: bool = False
     max_query_tokens: int = Field(512, ge=1)
     # Instructions prefixed to a text before encoding, by name; the paper phrases inputs as requests to answer.
     prompts: dict[str, str] = Field(

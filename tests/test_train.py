@@ -84,7 +84,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_with_the_right_step_count(r
     # Also runs the quality options through the real loop: centred targets, cosine alignment, own LR for the rows.
     spec = spec_for(tmp_path, "tracking.enabled=false", "training.max_failures=1", "loss.center_targets=true",
                     "loss.alignment_kind=cosine", "training.special_lr_scale=10", "model.reconstruction_init=moments",
-                    "model.alignment_init=ridge", "model.init_samples=8")
+                    "model.alignment_init=ridge", "model.init_samples=8", "model.refit_alignment=true")
     result = run_train(spec, ROWS, embedding_dim=64, rows_fingerprint="rows-b")
     assert marker.exists()  # the worker really died at step 6 (after the step-4 checkpoint)
     assert result["steps"] == 12

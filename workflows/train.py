@@ -164,10 +164,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not resuming and (spec.model.reconstruction_init == "moments" or spec.model.alignment_init == "ridge"):
         # Every worker computes the same start from the same seeded sample (a resumed run loads its checkpoint).
         started = time.perf_counter()
-        sample = [rows[i] for i in random.Random(training.seed).sample(range(len(rows)), min(spec.model.init_samples, len(rows)))]
-        model.fit_heads([r["query"] for r in sample], torch.tensor(np.asarray([r["teacher"] for r in sample]), dtype=torch.float32),
-                        spec.model.reconstruction_init, spec.model.alignment_init, spec.model.init_ridge)
-        log.info("heads fitted on %d training queries in %.1fs", len(sample), time.perf_counter() - started)
+        _fit_heads(model, rows, spec, spec.model.reconstruction_init, spec.model.alignment_init)
+        log.info("heads fitted in %.1fs", time.perf_counter() - started)
     eval_every = training.eval_every or training.checkpoint_every
     in_sweep = config.get("in_sweep", False)
 
@@ -253,6 +251,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         window, tokens, samples, window_start = {}, 0, 0, time.perf_counter()
 
     if rank == 0:
+        if spec.model.refit_alignment:
+            # The readout that minimises the alignment loss for the features training ended with, in closed form.
+            _fit_heads(model, rows, spec, "keep", "ridge")
+            if holdout:
+                refit = holdout_metrics(model, holdout, training, spec.loss)
+                log.info("after the refit: %s", refit)
+                if tracker:
+                    tracker.log({f"refit_{key}": value for key, value in refit.items()}, training.max_steps)
         model.save(output / MODEL_DIR)
         summary = {"model_dir": str(output / MODEL_DIR), "steps": training.max_steps}
         if tracker:
@@ -271,6 +277,14 @@ def _report_checkpoint(engine, metrics: dict[str, float], step: int, run_id: str
         if written:
             (Path(folder) / COMPLETE).write_text(json.dumps({"step": step}))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if written else None)
+
+
+def _fit_heads(model, rows: list[dict], spec: Spec, reconstruction: str, alignment: str) -> None:
+    """LLM2VecGen.fit_heads on a seeded sample of the training rows (the same sample on every worker)."""
+    count = min(spec.model.init_samples, len(rows))
+    sample = [rows[i] for i in random.Random(spec.training.seed).sample(range(len(rows)), count)]
+    targets = torch.tensor(np.asarray([r["teacher"] for r in sample]), dtype=torch.float32)
+    model.fit_heads([r["query"] for r in sample], targets, reconstruction, alignment, spec.model.init_ridge)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
