@@ -195,6 +195,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("rank %d resumed at step %d", rank, start_step)
 
     tracker = _Tracker(spec, config["name"], run_id, config.get("parent_run_id")) if rank == 0 and spec.tracking.enabled else None
+    if tracker and holdout and start_step == 0:
+        tracker.log(holdout_metrics(model, holdout, training, spec.loss), 0)  # the starting point, e.g. of a fitted head
     window: dict[str, list[float]] = {}
     tokens, samples, window_start, grad_norm = 0, 0, time.perf_counter(), 0.0
     for step, micro, indices in batch_schedule(lengths, training, rank, world_size):
