@@ -116,33 +116,37 @@ def test_a_tiny_sweep_runs_each_trial_under_one_parent_run_writes_the_best_spec_
     from workflows.sweep import main
 
     sweep = "{space: {training.lr: {kind: grid, values: [0.002, 0.02]}}, metric: holdout_reconstruction_loss, mode: min, num_trials: 1, asha: false}"
-    args = ["specs/tiny.yaml", "--set", f"output_dir={tmp_path}", "--set", f"data.sources[0].path={NQ}",
+    # A relative run folder, as users write it: Tune runs trials in their own working directories, and their
+    # models must still land in this folder.
+    spec_file = str(Path("specs/tiny.yaml").resolve())
+    monkeypatch.chdir(tmp_path)
+    args = [spec_file, "--set", "output_dir=run", "--set", f"data.sources[0].path={NQ}",
             "--set", "data.limit=16", "--set", "data.holdout_fraction=0.25", "--set", "training.max_steps=4",
             "--set", "training.checkpoint_every=2", "--set", "training.max_failures=0", "--set", f"sweep={sweep}"]
     # The first trial to reach step 3 loses its worker (once): with no retries left, that trial fails.
     monkeypatch.setenv("LLM2VEC_GEN_FAIL_AT_STEP", f"3:{tmp_path / 'killed-once'}")
     try:
         assert main(args) == 1  # one trial failed: exit 1, "run the same command again"
-        finished = {path: path.stat().st_mtime_ns for path in tmp_path.glob("train/*/result.json")}
+        finished = {path: path.stat().st_mtime_ns for path in (tmp_path / "run").glob("train/*/result.json")}
         assert len(finished) == 1 and (tmp_path / "killed-once").exists()
         assert main(args) == 0  # the same command resumes the sweep: the failed trial runs again, the other is kept
     finally:
         import ray
 
         ray.shutdown()
-    results = list(tmp_path.glob("train/*/result.json"))
+    results = list((tmp_path / "run").glob("train/*/result.json"))
     assert len(results) == 2
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished.items())  # not trained again
-    best = yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())
+    best = yaml.safe_load((tmp_path / "run" / "sweep" / "best.yaml").read_text())
     assert best["training"]["lr"] in (0.002, 0.02) and best["sweep"] is None
     # every trial is an MLflow run under the sweep's parent run
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 2
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["llm2vec-gen-tiny"])
     parents = runs[runs["tags.mlflow.runName"].str.startswith("sweep-")]
     assert len(parents) == 1
