@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -47,9 +48,14 @@ def ray_session():
     ray.shutdown()
 
 
-def test_two_worker_deepspeed_run_lowers_loss_and_is_tracked_and_registered(ray_session, tmp_path):
-    spec = spec_for(tmp_path, "data.holdout_fraction=0.25")
+def test_two_worker_deepspeed_run_lowers_loss_and_is_tracked_and_registered(ray_session, tmp_path, monkeypatch):
+    # A relative run folder, as in the shipped specs: Ray Train runs workers in their own working directories,
+    # and the MLflow store and the model must still land in this folder.
+    spec = spec_for(tmp_path, "data.holdout_fraction=0.25", "output_dir=run")
+    monkeypatch.chdir(tmp_path)
     result = run_train(spec, ROWS, embedding_dim=64, rows_fingerprint="rows-a")
+    assert result["mlflow_tracking_uri"] == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    assert Path(result["model_dir"]).is_relative_to(tmp_path / "run")
 
     mlflow.set_tracking_uri(result["mlflow_tracking_uri"])
     client = mlflow.tracking.MlflowClient()
@@ -66,7 +72,7 @@ def test_two_worker_deepspeed_run_lowers_loss_and_is_tracked_and_registered(ray_
     decoded = {a.path for a in client.list_artifacts(run.info.run_id, "decoded")}
     assert decoded == {f"decoded/step_{step:06d}.txt" for step in (4, 8, 12)}
     held_out = client.get_metric_history(run.info.run_id, "holdout_reconstruction_loss")
-    assert [m.step for m in held_out] == [4, 8, 12] and all(m.value > 0 for m in held_out)
+    assert [m.step for m in held_out] == [0, 4, 8, 12] and all(m.value > 0 for m in held_out)  # 0: the start
 
     assert result["model_uri"] == "models:/tiny-embedder/1"
     registered = LLM2VecGen.load(resolve_model(result["model_uri"]))
