@@ -324,6 +324,14 @@ def test_inspect_prints_the_decoded_text_and_a_lens_row_per_compression_token(ti
     assert out.count(" z: ") == compression and out.count(" h: ") == compression
 
 
+def test_inspect_uses_no_instruction_for_a_model_saved_without_prompts(tiny_folder, capsys):
+    config = json.loads((tiny_folder / "llm2vec_gen.json").read_text())
+    (tiny_folder / "llm2vec_gen.json").write_text(json.dumps(config | {"prompts": {}}))
+    assert inspect_workflow.main([str(tiny_folder), "what is rain?", "--max-new-tokens", "2", "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "decodes to:" in out and "instruction" not in out
+
+
 def test_logit_lens_gives_top_k_probabilities_for_z_and_h(tiny_model):
     rows = logit_lens(tiny_model, "what is rain?", top_k=3)
     assert [row.position for row in rows] == list(range(tiny_model.config.compression_tokens))

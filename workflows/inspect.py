@@ -20,7 +20,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a model folder or models:/<name>/<version>")
     parser.add_argument("text", nargs="+", help="one or more texts to inspect")
-    parser.add_argument("--prompt-name", default="query", help="instruction from the model folder ('' for none)")
+    parser.add_argument("--prompt-name", default=None,
+                        help="instruction from the model folder ('' for none; default: 'query' when the folder has one)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--top-k", type=int, default=5)
     return parser.parse_args(argv)
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.tracking import resolve_model
 
     model = LLM2VecGen.load(resolve_model(args.model)).eval()
-    prompt_name = args.prompt_name or None
+    prompt_name = ("query" if "query" in model.config.prompts else None) if args.prompt_name is None else (args.prompt_name or None)
     if prompt_name is not None and prompt_name not in model.config.prompts:
         print(f"error: --prompt-name {prompt_name!r} is not one of {sorted(model.config.prompts)}", file=sys.stderr)
         return 2
