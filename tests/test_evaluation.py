@@ -262,8 +262,18 @@ def test_baselines_run_side_by_side_and_scores_reach_mlflow(tiny_folder, tmp_pat
 def test_stage_evaluate_reads_the_trained_model_folder_from_the_train_stage(tiny_folder, tmp_path):
     spec = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "evaluation.tasks=[LocalSICK-R]", "evaluation.limit=8"])
     result = evaluate_workflow.stage_evaluate(spec, {"train": {"model_dir": str(tiny_folder)}})
-    assert Path(result["report"]) == tmp_path / "run" / "evaluation" / "results.md"
+    report = Path(result["report"])
+    # one report folder per (trained model, evaluation settings), under the run folder
+    assert report.name == "results.md" and report.parent.parent == tmp_path / "run" / "evaluation"
+    assert report.parent.name.startswith(f"{tiny_folder.parent.name}-")
     assert set(result["averages"]) == {"llm2vec-gen"}
+    # the same spec again reuses the report instead of evaluating again
+    written = report.stat().st_mtime_ns
+    assert evaluate_workflow.stage_evaluate(spec, {"train": {"model_dir": str(tiny_folder)}}) == result
+    assert report.stat().st_mtime_ns == written
+    # other evaluation settings get their own report
+    other = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "evaluation.tasks=[LocalSICK-R]", "evaluation.limit=6"])
+    assert Path(evaluate_workflow.stage_evaluate(other, {"train": {"model_dir": str(tiny_folder)}})["report"]) != report
 
 
 def test_cli_exits_2_on_an_unknown_spec(tiny_folder, capsys):
