@@ -26,6 +26,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from components.backbone import build_byte_tokenizer, load_backbone, resolve_folder
+from components.model import pad_rows
 from components.spec import BackboneSpec, GenerationSpec
 
 RESPONSE_SCHEMA = pa.schema([
@@ -129,7 +130,7 @@ def decode_batch(
         prefix = torch.tensor([prompts[0][:shared]], device=device)  # (1, shared)
         model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(len(prompts))
-    suffix_ids, suffix_mask = left_pad([prompt[shared:] for prompt in prompts], tokenizer.pad_token_id, device)
+    suffix_ids, suffix_mask = pad_rows([prompt[shared:] for prompt in prompts], tokenizer.pad_token_id, "left", device)
     # Padding sits between the shared prefix and each row's own tokens; it is masked out, and positions count real
     # tokens only, so a row's answer does not depend on the other rows of its batch.
     mask = torch.cat([suffix_mask.new_ones(len(prompts), shared), suffix_mask], dim=1)  # (B, shared + L)
@@ -209,16 +210,6 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
     while shared < limit and all(prompt[shared] == prompts[0][shared] for prompt in prompts):
         shared += 1
     return shared
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(row) for row in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for index, row in enumerate(rows):
-        ids[index, length - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[index, length - len(row) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 # ------------------------------------------------------------------------------------------------ the actor

@@ -158,7 +158,7 @@ class LLM2VecGen(nn.Module):
             max_length=self.config.max_query_tokens,
             split_special_tokens=True,
         )["input_ids"]
-        return _pad(rows, self.tokenizer.pad_token_id, side="left", device=self.device)
+        return pad_rows(rows, self.tokenizer.pad_token_id, side="left", device=self.device)
 
     def compression_states(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         """h: the last hidden states at the C compression positions of [x ; t ; c]."""
@@ -273,7 +273,7 @@ class LLM2VecGen(nn.Module):
         eos = self.tokenizer.eos_token_id
         rows = self.tokenizer(list(responses), add_special_tokens=False, split_special_tokens=True)["input_ids"]
         rows = [(row + [eos])[:max_response_tokens] for row in rows]
-        response_ids, response_mask = _pad(rows, self.tokenizer.pad_token_id, side="right", device=self.device)
+        response_ids, response_mask = pad_rows(rows, self.tokenizer.pad_token_id, side="right", device=self.device)
         teacher = torch.as_tensor(np.asarray(teacher), dtype=torch.float32, device=self.device)
         return TrainingBatch(query_ids, query_mask, response_ids, response_mask, teacher)
 
@@ -414,7 +414,8 @@ def check_texts(texts: Sequence[str]) -> list[str]:
     return list(texts)
 
 
-def _pad(rows: list[list[int]], pad_id: int, side: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: list[list[int]], pad_id: int, side: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows -> (ids, mask), each (B, longest), padded on `side` ("left" or "right")."""
     length = max(1, max(len(row) for row in rows))
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from components.model import LLM2VecGen, _pad  # encode's own padding, so served vectors equal encode's
+from components.model import LLM2VecGen, pad_rows  # encode's own padding, so served vectors equal encode's
 from components.spec import ServingSpec
 from serve.protocol import ApiError, InstructionFields
 
@@ -141,7 +141,7 @@ class EmbeddingEngine:
         )
         for group in groups:
             started = time.perf_counter()
-            ids, mask = _pad([rows[i] for i in group], self.model.tokenizer.pad_token_id, "left", self.model.device)
+            ids, mask = pad_rows([rows[i] for i in group], self.model.tokenizer.pad_token_id, "left", self.model.device)
             states, embeddings = self.model.compress(ids, mask)  # (B, C, H), (B, D)
             states, embeddings = states.float().cpu().numpy(), embeddings.float().cpu().numpy()
             for position, index in enumerate(group):

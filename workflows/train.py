@@ -10,6 +10,7 @@ checkpoint (FailureConfig); running the same spec again resumes the same Ray Tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -185,13 +186,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     start_step, run_id = 0, None
-    if on_disk is not None:
-        _, client_state = engine.load_checkpoint(str(on_disk), tag="state")
-        start_step, run_id = client_state["step"], client_state.get("mlflow_run_id")
-    elif checkpoint:
-        with checkpoint.as_directory() as folder:
+    if resuming:
+        with contextlib.nullcontext(str(on_disk)) if on_disk is not None else checkpoint.as_directory() as folder:
             _, client_state = engine.load_checkpoint(folder, tag="state")
-            start_step, run_id = client_state["step"], client_state.get("mlflow_run_id")
+        start_step, run_id = client_state["step"], client_state.get("mlflow_run_id")
     if start_step:
         log.info("rank %d resumed at step %d", rank, start_step)
 
