@@ -9,7 +9,9 @@ the same chat-rendered prompts:
            what a straightforward generation script does
     ours   the generate stage's code, run in-process without Ray (the comparison is of generation, not of actor
            start-up): components.generation.length_batches cuts the prompts into length-grouped batches, and
-           decode_batch, the function the stage's actors run on each batch, answers them
+           decode_batch, the function the stage's actors run on each batch, answers them, with the backbone's
+           linear weights packed for MKL as an actor packs them once when it starts (generation.pack_weights;
+           the packing time is printed, not counted, like the model load of either side)
 Both run with the same number of torch threads, by default the CPUs one generation actor gets
 (generation.num_cpus_per_actor). Tokens counted are the new tokens before EOS. The machine may be shared, so the
 two are interleaved batch by batch (batch i of plain, then batch i of ours, alternating which goes first): a burst
@@ -17,21 +19,23 @@ of load from another process falls on both. Wall-clock and process-CPU-time rate
 `generation ratio: X.XX`, is ours over plain in wall-clock tokens per second.
 
 What bounds the ratio here: most SmolLM2 answers to NQ-open run to max_new_tokens, so every batch of either
-kind takes all its decoding steps, and a step costs about the same for 16 rows whichever rows they are. Ours
-saves the prefill of the prompts' shared prefix (the chat template and its default system prompt), padding, and
-part of the cost of steps once most rows of a batch have finished (the batch halves); it cannot save the steps
-the answers need.
+kind takes all its decoding steps. Ours saves the prefill of the prompts' shared prefix (the chat template and
+its default system prompt), padding, part of the cost of steps once most rows of a batch have finished, and,
+with packed weights, part of the cost of every step's matrix products (components/packed_linear.py); it cannot
+save the steps the answers need.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
 
 from components.backbone import load_backbone
 from components.generation import decode_batch, length_batches, render_prompt, stop_token_ids, tokenize_prompts
+from components.packed_linear import pack_linears
 from components.queries import load_queries
 from components.spec import DataSpec, load_spec
 
@@ -74,8 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     size = generation.batch_size
     print(f"{len(queries)} NQ-open queries, {SPEC}: max_new_tokens {generation.max_new_tokens}, batch_size {size}, "
           f"greedy; torch threads {torch.get_num_threads()}; ours without Ray")
-    decode_batch(model, tokenizer, tokenize_prompts(tokenizer, queries[:2]), generation.model_copy(
-        update={"max_new_tokens": 4}))  # warm-up
+    started = time.perf_counter()
+    packed = pack_linears(model, size) if generation.pack_weights else None
+    print(f"packed weights: {f'{packed.nbytes / 2**20:.0f} MiB in {time.perf_counter() - started:.1f}s' if packed else 'no'}")
+    ours_context = packed or contextlib.nullcontext()
+    with ours_context:
+        decode_batch(model, tokenizer, tokenize_prompts(tokenizer, queries[:2]), generation.model_copy(
+            update={"max_new_tokens": 4}))  # warm-up
 
     seconds = {"plain": 0.0, "ours": 0.0}
     cpu_seconds = {"plain": 0.0, "ours": 0.0}
@@ -96,8 +105,9 @@ def main(argv: list[str] | None = None) -> None:
                 if name == "plain":
                     answers = plain_batch(model, tokenizer, [queries[i] for i in rows], generation)
                 else:
-                    answers = [(r.response, r.response_tokens) for r in
-                               decode_batch(model, tokenizer, [prompts[i] for i in rows], generation)]
+                    with ours_context:
+                        answers = [(r.response, r.response_tokens) for r in
+                                   decode_batch(model, tokenizer, [prompts[i] for i in rows], generation)]
                 seconds[name] += time.perf_counter() - started
                 cpu_seconds[name] += time.process_time() - cpu_started
                 for row, answer in zip(rows, answers, strict=True):
