@@ -392,6 +392,11 @@ class Spec(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def to_pinned_dict(self) -> dict[str, Any]:
+        """to_dict with the run folder made absolute, for processes that Ray starts in their own working directory
+        (Ray Train workers, Tune trials), where a relative run folder would resolve somewhere else."""
+        return self.to_dict() | {"output_dir": str(self.run_dir.resolve())}
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 

@@ -141,3 +141,12 @@ def test_dry_run_exits_zero_on_a_valid_spec_and_two_with_the_error_on_an_invalid
     assert "Traceback" not in bad.stderr
     missing = run_cli(str(tmp_path / "absent.yaml"), "--dry-run")
     assert missing.returncode == 2 and "spec file not found" in missing.stderr
+
+
+def test_the_pinned_dict_carries_an_absolute_run_folder_for_workers_in_other_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    relative = load_spec(str(Path(__file__).parents[1] / "specs/tiny.yaml"), ["output_dir=run"])
+    assert relative.to_pinned_dict()["output_dir"] == str(tmp_path / "run")
+    unnamed = load_spec(str(Path(__file__).parents[1] / "specs/tiny.yaml"), ["output_dir=null"])
+    assert unnamed.to_pinned_dict()["output_dir"] == str(tmp_path / "runs" / unnamed.name)
+    assert relative.to_pinned_dict() | {"output_dir": "run"} == relative.to_dict()

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     from components.tracking import resolve_model
 
     model = LLM2VecGen.load(resolve_model(args.model)).eval()
-    prompt_name = ("query" if "query" in model.config.prompts else None) if args.prompt_name is None else (args.prompt_name or None)
+    if args.prompt_name is None:  # the folder's query instruction, where it has one
+        prompt_name = "query" if "query" in model.config.prompts else None
+    else:
+        prompt_name = args.prompt_name or None
     if prompt_name is not None and prompt_name not in model.config.prompts:
         print(f"error: --prompt-name {prompt_name!r} is not one of {sorted(model.config.prompts)}", file=sys.stderr)
         return 2

@@ -90,10 +90,8 @@ def run_sweep(spec: Spec) -> dict[str, Any]:
         folder.mkdir(parents=True, exist_ok=True)
         id_file.write_text(parent_run_id)
 
-    # Tune runs each trial in its own working directory: relative paths would land there, so pin the run folder.
-    base = spec.to_dict() | {"output_dir": str(spec.run_dir.resolve())}
     trainable = tune.with_parameters(
-        run_trial, base=base, rows=rows, dimension=dimension, fingerprint=fingerprint, parent_run_id=parent_run_id
+        run_trial, base=spec.to_pinned_dict(), rows=rows, dimension=dimension, fingerprint=fingerprint, parent_run_id=parent_run_id
     )
     # The trial function only drives a TorchTrainer, whose workers hold the CPUs/GPUs.
     trainable = tune.with_resources(trainable, {"cpu": 0.1})

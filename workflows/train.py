@@ -82,8 +82,7 @@ def run_train(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            # Ray Train runs workers in their own working directory: a relative run folder would resolve there.
-            "spec": spec.to_dict() | {"output_dir": str(spec.run_dir.resolve())},
+            "spec": spec.to_pinned_dict(),
             "embedding_dim": embedding_dim,
             "output": str(output),
             "name": name,
