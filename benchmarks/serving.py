@@ -1,6 +1,7 @@
 """Serving throughput with dynamic batching against without it, and a replica's memory against two backbones.
 
     python -m benchmarks.serving [--requests 2000] [--concurrency 32] [--rounds 4] [--threads 1]
+                                 [--spec SPEC] [--set key=value ...] [--num-gpus 0.5]
 
 An untrained model on the real backbone of specs/smollm2-135m.yaml (throughput does not depend on training) is
 served twice on one local Ray Serve over loopback, both applications built by serve.app.build_app with the
@@ -15,6 +16,8 @@ hurts neither side more. Reported per side: throughput, p50/p99 latency and erro
 Memory: the resident set (RSS) of a serving replica, which holds the backbone once for both encoding and
 decoding, next to plain processes that load our model (one backbone) and that load the backbone twice (what
 the official package does: one copy to encode, one to decode).
+With --num-gpus each application's replica takes that share of a GPU (0.5: both on one GPU), and the memory
+report adds the GPU memory of the replica (nvidia-smi) and of the plain processes (torch's peak allocation).
 The last line printed is `serving ratio: X.XX errors: N` (batched over unbatched throughput; errors of both).
 """
 
@@ -58,6 +61,7 @@ class Side:
     latencies: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    replica: str = ""  # what the replica's own metrics say of the run (batch sizes, pass and queue times)
 
     def record_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -105,6 +109,28 @@ async def load_test(side: Side, texts: list[str], concurrency: int) -> None:
         side.seconds += time.perf_counter() - started
 
 
+def replica_summary(url: str) -> str:
+    """Mean texts per forward pass, pass time, queue time and in-app request time, from the replica's /metrics."""
+    import urllib.request
+
+    sums: dict[str, float] = {}
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            series, _, value = line.rpartition(" ")
+            name, _, labels = series.partition("{")
+            wanted = not labels or 'route="/v1/embeddings"' in labels or 'kind="embed"' in labels
+            if not line.startswith("#") and name.endswith(("_sum", "_count")) and wanted:
+                sums[name] = float(value)
+
+    def mean(metric: str) -> float:
+        count = sums.get(f"{metric}_count", 0.0)
+        return sums.get(f"{metric}_sum", 0.0) / count if count else float("nan")
+
+    return (f"{sums.get('llm2vec_batch_size_count', 0):.0f} passes of {mean('llm2vec_batch_size'):.1f} texts, "
+            f"{mean('llm2vec_inference_seconds') * 1000:.1f} ms per pass, queue {mean('llm2vec_queue_seconds') * 1000:.1f} ms, "
+            f"in-app request {mean('llm2vec_request_seconds') * 1000:.1f} ms")
+
+
 def replica_rss(app_name: str) -> int:
     """RSS in bytes of the replica process of an application (Ray names it ServeReplica:<app>:<deployment>)."""
     import psutil
@@ -115,30 +141,53 @@ def replica_rss(app_name: str) -> int:
     return 0
 
 
+# Each prints "<RSS bytes> <peak GPU bytes>"; argv: a model folder or spec file, the device, then --set overrides.
 _LOAD_ONCE = """
-import psutil, sys
+import psutil, sys, torch
 from components.model import LLM2VecGen
-model = LLM2VecGen.load(sys.argv[1])
+model = LLM2VecGen.load(sys.argv[1]).to(sys.argv[2])
 model.encode(["warm up"]); model.decode("warm up", max_new_tokens=2)
-print(psutil.Process().memory_info().rss)
+gpu = torch.cuda.max_memory_allocated() if sys.argv[2] == "cuda" else 0
+print(psutil.Process().memory_info().rss, gpu)
 """
 
 _LOAD_TWICE = """
 import psutil, sys, torch
 from components.backbone import load_backbone
 from components.spec import load_spec
-spec = load_spec(sys.argv[1])
+spec = load_spec(sys.argv[1], sys.argv[3:])
 encoder, decoder = load_backbone(spec.backbone), load_backbone(spec.backbone)  # two copies, as the official package
 with torch.inference_mode():  # a pass through each touches all of its weights, as serving would
     for copy in (encoder, decoder):
-        copy.model(input_ids=torch.tensor([[1, 2, 3]]))
-print(psutil.Process().memory_info().rss)
+        copy.model.to(sys.argv[2])(input_ids=torch.tensor([[1, 2, 3]], device=sys.argv[2]))
+gpu = torch.cuda.max_memory_allocated() if sys.argv[2] == "cuda" else 0
+print(psutil.Process().memory_info().rss, gpu)
 """
 
 
-def rss_of(code: str, argument: str) -> int:
-    output = subprocess.run([sys.executable, "-c", code, argument], capture_output=True, text=True, check=True)
-    return int(output.stdout.strip().splitlines()[-1])
+def memory_of(code: str, *arguments: str) -> tuple[int, int]:
+    """(RSS, peak GPU bytes) of a fresh process running `code`."""
+    output = subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True, text=True, check=True)
+    rss, gpu = output.stdout.strip().splitlines()[-1].split()
+    return int(rss), int(gpu)
+
+
+def replica_gpu_memory(app_name: str) -> int | None:
+    """GPU memory in bytes that nvidia-smi reports for the replica process of an application (None if unknown)."""
+    import psutil
+
+    pids = {process.pid for process in psutil.process_iter(["cmdline"])
+            if any(f"ServeReplica:{app_name}:" in part for part in process.info["cmdline"] or [])}
+    try:
+        output = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for line in output.strip().splitlines():
+        pid, used = (part.strip() for part in line.split(","))
+        if pid.isdigit() and int(pid) in pids:
+            return int(used) << 20
+    return None
 
 
 def free_port() -> int:
@@ -153,6 +202,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4, help="turns each side takes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica (the machine has few cores)")
+    parser.add_argument("--spec", default=SPEC, help="the spec whose backbone and serving settings are served")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    parser.add_argument("--num-gpus", type=float, default=0.0,
+                        help="GPU share of each application's replica (0.5: both applications on one GPU)")
     return parser.parse_args(argv)
 
 
@@ -168,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     from components.spec import load_spec
     from serve.app import build_app
 
-    spec = load_spec(SPEC)
+    spec = load_spec(args.spec, args.set)
+    device = "cuda" if args.num_gpus > 0 else "cpu"
     texts = load_texts(args.requests)
     workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     started = time.perf_counter()
@@ -180,14 +234,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.concurrency} clients, {args.threads} torch thread(s) per replica")
     del model
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=1 if args.num_gpus > 0 else 0, include_dashboard=False, log_to_driver=False,
+             object_store_memory=1 << 30)  # serving keeps nothing in the object store; /dev/shm may be small
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     sides = []
     try:
         for name, max_batch_size in (("batched", spec.serving.max_batch_size), ("unbatched", 1)):
-            serving = {"max_batch_size": max_batch_size, "num_cpus": 1}
-            serve.run(build_app({"model": str(folder), "spec": SPEC, "serving": serving}), name=name,
+            serving = spec.serving.model_dump() | {"max_batch_size": max_batch_size, "num_cpus": 1, "num_gpus": args.num_gpus}
+            serve.run(build_app({"model": str(folder), "serving": serving}), name=name,
                       route_prefix=f"/{name}")
             sides.append(Side(name, f"http://127.0.0.1:{port}/{name}"))
         for side in sides:  # warm up: first passes allocate
@@ -199,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(load_test(side, chunk, args.concurrency))
             print(f"  round {round_index + 1}/{args.rounds}: "
                   + ", ".join(f"{side.name} {side.throughput:.2f} req/s so far" for side in sides), flush=True)
-        replica_memory = replica_rss("batched")
+        for side in sides:
+            side.replica = replica_summary(side.url)
+        replica_memory, replica_gpu = replica_rss("batched"), replica_gpu_memory("batched") if device == "cuda" else None
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -208,10 +265,15 @@ def main(argv: list[str] | None = None) -> int:
         errors = sum(side.errors.values())
         print(f"{side.name:>9}: {side.throughput:6.2f} requests/s, p50 {side.percentile(0.5) * 1000:7.0f} ms, "
               f"p99 {side.percentile(0.99) * 1000:7.0f} ms, {len(side.latencies)} ok, {errors} errors {side.errors or ''}")
-    once, twice = rss_of(_LOAD_ONCE, str(folder)), rss_of(_LOAD_TWICE, SPEC)
+        print(f"{'':>11}replica: {side.replica}")
+    (once, once_gpu), (twice, twice_gpu) = memory_of(_LOAD_ONCE, str(folder), device), memory_of(_LOAD_TWICE, args.spec, device, *args.set)
     mib = 1 << 20
     print(f"memory: replica RSS {replica_memory / mib:.0f} MiB (Ray worker + backbone once, encodes and decodes); "
           f"plain process with our model {once / mib:.0f} MiB; plain process with two backbones {twice / mib:.0f} MiB")
+    if device == "cuda":
+        served = f"{replica_gpu / mib:.0f} MiB" if replica_gpu is not None else "unknown"
+        print(f"GPU memory: replica {served} (nvidia-smi, CUDA context included); peak allocated by torch: "
+              f"our model {once_gpu / mib:.0f} MiB, two backbones {twice_gpu / mib:.0f} MiB")
     batched, unbatched = sides
     ratio = batched.throughput / unbatched.throughput if unbatched.throughput else float("nan")
     total_errors = sum(sum(side.errors.values()) for side in sides)

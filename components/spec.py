@@ -307,8 +307,10 @@ class ServingSpec(Section):
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_batch_tokens: int = Field(8192, ge=1)  # padded tokens (rows x longest row, special tokens included) per pass
     # The fixed cost of one forward pass, in tokens: a collected batch of mixed lengths is split into passes of
-    # similar lengths where the padding saved is worth more than this (CPUs: tens; GPUs: far more).
-    pass_cost_tokens: int = Field(64, ge=0)
+    # similar lengths where the padding saved is worth more than this. Unset: 64 on a CPU (compute grows with
+    # tokens); max_batch_tokens on a GPU, where a small model's pass costs its kernel launches, not its tokens,
+    # so a batch is split only by the token budget.
+    pass_cost_tokens: int | None = Field(None, ge=0)
     max_inputs_per_request: int = Field(256, ge=1)
     max_input_tokens: int = Field(512, ge=1)  # also capped by the model's own max_query_tokens
     max_payload_bytes: int = Field(1_000_000, ge=1)

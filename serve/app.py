@@ -5,8 +5,9 @@
 
 `build_app` is the import path named in serve/config.yaml; its `args` are validated here, once, into a model
 source and a ServingSpec, and only typed objects go further. Texts from concurrent requests are batched per
-input with @serve.batch (max_batch_size texts, or 1 for no batching), and each collected batch is split into
-forward passes of at most max_batch_tokens padded tokens.
+input by serve.batcher.Batcher (max_batch_size texts, or 1 for no batching; the next batch is formed when the
+model is free, see there why not @serve.batch), and each collected batch is split into forward passes of at most
+max_batch_tokens padded tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from ray.serve import Application
 
 from components.spec import ServingSpec, SpecError, load_spec
 from serve.api import create_api
+from serve.batcher import Batcher
 from serve.engine import EmbeddingEngine, Encoded
 from serve.metrics import Metrics
 
@@ -111,12 +112,6 @@ def read_api_key(serving: ServingSpec) -> str | None:
     return key
 
 
-@dataclass(frozen=True)
-class _Pending:
-    row: list[int]
-    enqueued: float  # perf_counter when the request handed it to the batcher
-
-
 @serve.deployment(name="LLM2VecGen")
 @serve.ingress()
 class EmbeddingServer:
@@ -139,8 +134,9 @@ class EmbeddingServer:
         # One thread owns the model: torch runs there while the event loop keeps accepting, tokenising and
         # collecting the next batch.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._embed_batch.set_max_batch_size(serving.max_batch_size)
-        self._embed_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
+        self._batcher: Batcher[list[int], Encoded] = Batcher(
+            self._embed_rows, serving.max_batch_size, serving.batch_wait_timeout_s, self._observe_queue
+        )
         log.info("serving %s from %s (loaded in %.1fs)", self.model_name, source, self._load_seconds)
 
     def __serve_build_asgi_app__(self):
@@ -150,15 +146,15 @@ class EmbeddingServer:
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, functools.partial(function, *args))
 
     async def embed(self, rows: list[list[int]]) -> list[Encoded]:
-        now = time.perf_counter()
-        return list(await asyncio.gather(*(self._embed_batch(_Pending(row, now)) for row in rows)))
+        """Each row joins the next batch (texts of concurrent requests share forward passes)."""
+        return list(await asyncio.gather(*(self._batcher.submit(row) for row in rows)))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # both reset from the ServingSpec in __init__
-    async def _embed_batch(self, items: list[_Pending]) -> list[Encoded]:
-        started = time.perf_counter()
-        for item in items:
-            self.metrics.queue_seconds.observe(started - item.enqueued)
-        return await self.run(self.engine.embed, [item.row for item in items], self.metrics.observe_pass)
+    async def _embed_rows(self, rows: list[list[int]]) -> list[Encoded]:
+        return await self.run(self.engine.embed, rows, self.metrics.observe_pass)
+
+    def _observe_queue(self, waits: list[float]) -> None:
+        for seconds in waits:
+            self.metrics.queue_seconds.observe(seconds)
 
     def info(self) -> dict[str, Any]:
         config, serving, backbone = self.engine.model.config, self.engine.serving, self.engine.model.backbone_info
@@ -198,7 +194,7 @@ class EmbeddingServer:
                 "max_batch_size": serving.max_batch_size,
                 "batch_wait_timeout_s": serving.batch_wait_timeout_s,
                 "max_batch_tokens": serving.max_batch_tokens,
-                "pass_cost_tokens": serving.pass_cost_tokens,
+                "pass_cost_tokens": self.engine.pass_cost_tokens,
             },
             "auth": self.api_key is not None,
         }

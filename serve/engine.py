@@ -29,6 +29,10 @@ class Encoded:
     states: np.ndarray
 
 
+# A CPU forward pass's fixed cost in tokens (the default of serving.pass_cost_tokens there): about what the
+# padding of a few rows costs.
+CPU_PASS_COST_TOKENS = 64
+
 # Called after each forward pass with (rows, padded tokens, seconds), for metrics.
 PassObserver = Callable[[int, int, float], None]
 
@@ -74,6 +78,9 @@ class EmbeddingEngine:
         self.max_input_tokens = min(serving.max_input_tokens, config.max_query_tokens)
         self.special_tokens = config.thought_tokens + config.compression_tokens
         self.states_shape = (config.compression_tokens, config.hidden_size)
+        self.pass_cost_tokens = serving.pass_cost_tokens
+        if self.pass_cost_tokens is None:
+            self.pass_cost_tokens = serving.max_batch_tokens if model.device.type == "cuda" else CPU_PASS_COST_TOKENS
         # Ids at or past this row are LLM2Vec-Gen's own tokens, spliced in as embeddings and absent from the
         # backbone's vocabulary: a text spelling one out would index past the embedding matrix.
         self._vocabulary_rows = model.backbone.get_input_embeddings().weight.shape[0]
@@ -137,7 +144,7 @@ class EmbeddingEngine:
         """e and z for each row, in order, in forward passes bounded by serving.max_batch_tokens."""
         out: list[Encoded | None] = [None] * len(rows)
         groups = split_by_token_budget(
-            [len(row) for row in rows], self.serving.max_batch_tokens, self.special_tokens, self.serving.pass_cost_tokens
+            [len(row) for row in rows], self.serving.max_batch_tokens, self.special_tokens, self.pass_cost_tokens
         )
         for group in groups:
             started = time.perf_counter()
