@@ -70,14 +70,14 @@ class Batcher(Generic[Item, Result]):
             batch = [waiting for waiting in batch if not waiting.future.cancelled()]  # the client went away
             if not batch:
                 continue
-            if self._on_batch:
-                started = time.perf_counter()
-                self._on_batch([started - waiting.enqueued for waiting in batch])
-            try:
+            try:  # whatever fails here fails this batch's requests, never the loop (they would wait forever)
+                if self._on_batch:
+                    started = time.perf_counter()
+                    self._on_batch([started - waiting.enqueued for waiting in batch])
                 results = await self._run_batch([waiting.item for waiting in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
-            except Exception as err:  # every waiting request gets the error; the loop goes on
+            except Exception as err:
                 for waiting in batch:
                     if not waiting.future.done():
                         waiting.future.set_exception(err)

@@ -140,6 +140,25 @@ def test_queue_times_are_reported_per_batch():
     assert reported[1][0] >= 0.03  # item 1 waited for the first pass
 
 
+def test_a_failing_metrics_callback_fails_the_batch_not_the_batcher():
+    model = SlowModel(seconds=0.0)
+    calls = []
+
+    def observe(waits):
+        calls.append(waits)
+        if len(calls) == 1:
+            raise RuntimeError("metrics broke")
+
+    async def scenario():
+        batcher = Batcher(model, max_batch_size=8, wait_s=0.001, on_batch=observe)
+        first = await asyncio.gather(batcher.submit(1), return_exceptions=True)
+        return first, await asyncio.wait_for(batcher.submit(2), 5)
+
+    first, second = asyncio.run(scenario())
+    assert isinstance(first[0], RuntimeError) and "metrics broke" in str(first[0])
+    assert second == 20
+
+
 @pytest.mark.parametrize(("size", "wait", "message"), [(0, 0.01, "max_batch_size"), (4, -1.0, "wait_s")])
 def test_bad_settings_are_refused(size, wait, message):
     with pytest.raises(ValueError, match=message):
