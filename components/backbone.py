@@ -50,7 +50,8 @@ def load_backbone(spec: BackboneSpec, cache_dir: Path | None = None) -> Backbone
     if spec.source == "random":
         assert spec.random is not None
         model, tokenizer = build_random_backbone(spec.random)
-        return _finish(model, tokenizer, spec, fingerprint=_weights_fingerprint(model))
+        fingerprint = _weights_fingerprint(model)  # of the float32 weights, so that it does not depend on dtype
+        return _finish(model.to(_DTYPES[spec.dtype]), tokenizer, spec, fingerprint=fingerprint)
     if spec.source == "hub":
         return _load_hub(spec)
     folder, fingerprint = resolve_folder(spec, cache_dir)

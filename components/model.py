@@ -355,14 +355,18 @@ class LLM2VecGen(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, backbone: Backbone | None = None) -> LLM2VecGen:
+    def load(cls, path: str | Path, backbone: Backbone | None = None, dtype: str | None = None) -> LLM2VecGen:
+        """A saved model; `dtype` loads its backbone in another precision than it was trained in (e.g. bfloat16 to
+        serve on a GPU what was trained in float32 on a CPU): same weights, so the fingerprint still matches."""
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{path}: not an LLM2Vec-Gen model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
         saved = json.loads((path / CONFIG_FILE).read_text())
         saved.pop("special_tokens", None)  # derived from the counts; written for readers of the folder
         config = ModelConfig.model_validate(saved)
-        backbone = backbone or load_backbone(config.backbone)
+        if backbone is None:
+            spec = config.backbone if dtype is None else config.backbone.model_copy(update={"dtype": dtype})
+            backbone = load_backbone(spec)
         if backbone.fingerprint != config.backbone_fingerprint:
             raise ValueError(
                 f"{path}: the backbone's weights differ from those the model was trained on "

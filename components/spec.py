@@ -303,6 +303,9 @@ class ServingSpec(Section):
     target_ongoing_requests: float = Field(16, gt=0)
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
+    # The backbone's precision on the replicas; unset: the one the model was trained with. bfloat16 on a GPU
+    # halves memory and time (the special rows and projections stay float32).
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     max_batch_size: int = Field(32, ge=1)  # texts collected across requests into one forward pass; 1 = no batching
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_batch_tokens: int = Field(8192, ge=1)  # padded tokens (rows x longest row, special tokens included) per pass

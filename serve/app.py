@@ -121,7 +121,7 @@ class EmbeddingServer:
         from components.model import LLM2VecGen
 
         started = time.time()
-        model = LLM2VecGen.load(resolve_model_dir(source))
+        model = LLM2VecGen.load(resolve_model_dir(source), dtype=serving.dtype)
         if serving.num_gpus > 0 and torch.cuda.is_available():
             model.to("cuda")
         self.engine = EmbeddingEngine(model, serving)

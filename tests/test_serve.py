@@ -159,6 +159,20 @@ def test_engine_vectors_equal_encode_whatever_the_token_budget(model):
         assert np.allclose(vectors, expected, atol=1e-5)
 
 
+def test_a_replica_can_load_the_backbone_in_another_precision(model_dir, model):
+    # serving.dtype: a model trained in float32 on a CPU, served in bfloat16 (as on a GPU): the same weights
+    # rounded, so the fingerprint check passes and the vectors stay close to the float32 ones.
+    texts = ["how do vaccines work?", "the quick brown fox jumps over the lazy dog"]
+    half = LLM2VecGen.load(model_dir, dtype="bfloat16")
+    assert half.backbone.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert half.backbone_info.spec.dtype == "bfloat16" and model.backbone_info.spec.dtype == "float32"
+    assert half.special_embeddings.dtype == torch.float32  # the trained rows keep their precision
+    cosine = (half.encode(texts, normalize=True) * model.encode(texts, normalize=True)).sum(-1)
+    assert (cosine > 0.98).all(), cosine
+    with pytest.raises(ValidationError, match="dtype"):
+        ServingSpec(dtype="bfloat8")
+
+
 def test_engine_refuses_long_inputs_unless_truncating_and_caps_the_limit_at_the_model(model):
     engine = EmbeddingEngine(model, ServingSpec(max_input_tokens=10_000))
     assert engine.max_input_tokens == model.config.max_query_tokens  # 64 for the tiny spec
