@@ -131,14 +131,18 @@ def replica_summary(url: str) -> str:
             f"in-app request {mean('llm2vec_request_seconds') * 1000:.1f} ms")
 
 
-def replica_rss(app_name: str) -> int:
-    """RSS in bytes of the replica process of an application (Ray names it ServeReplica:<app>:<deployment>)."""
+def replica_processes(app_name: str) -> list:
+    """The replica processes of an application (Ray names them ServeReplica:<app>:<deployment>)."""
     import psutil
 
-    for process in psutil.process_iter(["cmdline"]):
-        if any(f"ServeReplica:{app_name}:" in part for part in process.info["cmdline"] or []):
-            return process.memory_info().rss
-    return 0
+    return [process for process in psutil.process_iter(["cmdline"])
+            if any(f"ServeReplica:{app_name}:" in part for part in process.info["cmdline"] or [])]
+
+
+def replica_rss(app_name: str) -> int:
+    """RSS in bytes of the replica process of an application (0 if none is found)."""
+    processes = replica_processes(app_name)
+    return processes[0].memory_info().rss if processes else 0
 
 
 # Each prints "<RSS bytes> <peak GPU bytes>"; argv: a model folder or spec file, the device, then --set overrides.
@@ -174,10 +178,7 @@ def memory_of(code: str, *arguments: str) -> tuple[int, int]:
 
 def replica_gpu_memory(app_name: str) -> int | None:
     """GPU memory in bytes that nvidia-smi reports for the replica process of an application (None if unknown)."""
-    import psutil
-
-    pids = {process.pid for process in psutil.process_iter(["cmdline"])
-            if any(f"ServeReplica:{app_name}:" in part for part in process.info["cmdline"] or [])}
+    pids = {process.pid for process in replica_processes(app_name)}
     try:
         output = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                                 capture_output=True, text=True, check=True).stdout

@@ -2,12 +2,12 @@
 
 Ray Serve's `@serve.batch` (2.60; since batches may run concurrently, ray-project/ray#53096) forms a batch
 every `batch_wait_timeout_s` from whatever has arrived and queues it on a semaphore, without waiting for the
-previous batch to finish. When a forward pass takes longer
-than that window (always, for an LLM), the queue fills with batches of one or two texts that then run one
-after another: with 32 clients waiting, 1.7 texts per pass on a 30-layer tiny model here, and on an H100
-batched serving only 1.37x unbatched (4.24x with this batcher; docs/benchmarks.md). Here one loop takes everything that is waiting (up to max_batch_size) at the moment the
-previous batch returns, so the batch grows with the load: an idle server answers a lone request after
-`wait_s`, a busy one runs full batches back to back.
+previous batch to finish. When a forward pass takes longer than that window (always, for an LLM), the queue
+fills with batches of one or two texts that then run one after another: with 32 clients waiting, 1.7 texts per
+pass on a 30-layer tiny model here, and on an H100 batched serving only 1.37x unbatched (4.24x with this
+batcher; docs/benchmarks.md). Here one loop takes everything that is waiting (up to max_batch_size) at the
+moment the previous batch returns, so the batch grows with the load: an idle server answers a lone request
+after `wait_s`, a busy one runs full batches back to back.
 """
 
 from __future__ import annotations
