@@ -9,9 +9,10 @@ the same chat-rendered prompts:
            what a straightforward generation script does
     ours   the generate stage's code, run in-process without Ray (the comparison is of generation, not of actor
            start-up): components.generation.length_batches cuts the prompts into length-grouped batches, and
-           decode_batch, the function the stage's actors run on each batch, answers them, with the backbone's
-           linear weights packed for MKL as an actor packs them once when it starts (generation.pack_weights;
-           the packing time is printed, not counted, like the model load of either side)
+           decode_batch, the function the stage's actors run on each batch, answers them, through the decoding
+           copy of the linear weights an actor makes once when it starts (generation.pack_weights: SmolLM2's
+           GGUF blocks, rebuilt exactly in components/block_linear.py's kernel; the time to make it is printed,
+           not counted, like the model load of either side)
 Both run with the same number of torch threads, by default the CPUs one generation actor gets
 (generation.num_cpus_per_actor). Tokens counted are the new tokens before EOS. The machine may be shared, so the
 two are interleaved batch by batch (batch i of plain, then batch i of ours, alternating which goes first): a burst
@@ -20,9 +21,10 @@ of load from another process falls on both. Wall-clock and process-CPU-time rate
 
 What bounds the ratio here: most SmolLM2 answers to NQ-open run to max_new_tokens, so every batch of either
 kind takes all its decoding steps. Ours saves the prefill of the prompts' shared prefix (the chat template and
-its default system prompt), padding, part of the cost of steps once most rows of a batch have finished, and,
-with packed weights, part of the cost of every step's matrix products (components/packed_linear.py); it cannot
-save the steps the answers need.
+its default system prompt), padding, part of the cost of steps once most rows of a batch have finished, and
+most of the memory traffic of every step's matrix products: a step of 16 rows is bound by streaming the weights,
+4 bytes each in float32 for the plain loop, 0.625 in their Q4_1 blocks (components/block_linear.py). It cannot
+save the steps the answers need. `identical responses` counts answers equal to the plain loop's.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
           f"greedy; torch threads {torch.get_num_threads()}; ours without Ray")
     started = time.perf_counter()
     packed = pack_linears(model, size) if generation.pack_weights else None
-    print(f"packed weights: {f'{packed.nbytes / 2**20:.0f} MiB in {time.perf_counter() - started:.1f}s' if packed else 'no'}")
+    print(f"decoding weights: {f'{packed.describe()}, in {time.perf_counter() - started:.1f}s' if packed else 'plain'}")
     ours_context = packed or contextlib.nullcontext()
     with ours_context:
         decode_batch(model, tokenizer, tokenize_prompts(tokenizer, queries[:2]), generation.model_copy(

@@ -8,8 +8,10 @@ For a batch of queries:
                  counting real tokens only
     decoding   = one forward pass per new token over a KV cache that reserves room for the whole answer
                  (components/kv_cache.py); a row is finished at EOS or a stop string, and the batch (with its
-                 cache) halves whenever at most half of its rows are still answering; on a CPU the actor's linear
-                 weights are packed for MKL once (components/packed_linear.py, generation.pack_weights)
+                 cache) halves whenever at most half of its rows are still answering; on a CPU the actor makes a
+                 decoding copy of the linear weights once (generation.pack_weights): a GGUF backbone's kept in its
+                 quantization blocks and rebuilt exactly in a kernel (components/block_linear.py), others packed
+                 for MKL (components/packed_linear.py)
     response_i = the new tokens before EOS, decoded, cut before the first stop string;
                  finish_reason "stop" (EOS or a stop string) or "length" (max_new_tokens reached)
 
@@ -186,9 +188,10 @@ def kept_width(answering: int, width: int) -> int:
     The batch halves only once at most half of it is still answering; until then finished rows ride along. Rows
     are not cost: on our 2-core CPU a 576x1536 linear layer takes 0.70 ms for 12 to 15 rows but 0.47 ms for 16
     (the BLAS switches kernels at 16), and on a GPU a decoding step costs about the same for any small batch, so
-    dropping single rows would save nothing and re-copy the KV cache each time. With packed weights
+    dropping single rows would save nothing and re-copy the KV cache each time. With MKL-packed weights
     (components/packed_linear.py) only the full width runs the packed kernels, yet halving still pays: a SmolLM2
-    step of 16 packed rows took 157-165 ms here, one of 8 plain rows 125-150 ms, of 4 plain rows 98-129 ms.
+    step of 16 packed rows took 157-165 ms here, one of 8 plain rows 125-150 ms, of 4 plain rows 98-129 ms. The
+    block kernel (components/block_linear.py) takes any width up to 16 and costs less for fewer rows.
     """
     while answering <= width // 2:
         width //= 2
@@ -233,7 +236,7 @@ class ResponseGenerator:
         self.backbone = load_backbone(backbone)
         if torch.cuda.is_available():  # Ray exposes a GPU only to actors that asked for one
             self.backbone.model.to("cuda")
-        # The actor's backbone only ever decodes, so its weights are packed once for the batch size.
+        # The actor's backbone only ever decodes, so its decoding copy of the weights is made once, for the batch size.
         self.packed = pack_linears(self.backbone.model, generation.batch_size) if generation.pack_weights else None
 
     def __call__(self, shard: pa.Table) -> pa.Table:

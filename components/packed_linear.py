@@ -16,15 +16,23 @@ has the end-to-end figure. The products agree to float rounding (exactly, at 16 
 and the benchmark. The cost is memory: a packed copy of every linear weight, about the backbone's size again (513 MiB for
 SmolLM2-135M). Only frozen fp32 weights on a CPU with torch's MKL build are packed; anything else keeps its plain
 forward, so the same code runs on a GPU untouched.
+
+Weights that are exactly a GGUF block quantization's (the embedded default's) go one step further: they are kept
+in their blocks and rebuilt exactly inside a small kernel (components/block_linear.py), a quarter of the bytes or
+less; `pack_linears` takes that form where it applies and MKL's packing for the other layers.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from components import block_linear
 
 
 def mkl_packing_available() -> bool:
@@ -44,45 +52,74 @@ def packable(module: nn.Module) -> bool:
 
 @dataclass
 class PackedLinears(AbstractContextManager):
-    """Packed weights of a model's linear layers; inside `with`, those layers multiply through them."""
+    """Decoding copies of a model's linear weights; inside `with`, those layers multiply through them."""
 
     modules: list[nn.Linear]
-    packed: list[torch.Tensor]
-    rows: int  # the row count the packing was tuned for (the decoding batch size)
+    forwards: list[Callable[[torch.Tensor], torch.Tensor]]
+    formats: list[str]  # per module: "mkl" (packed float32), "q4_1" or "q8_0" (components/block_linear.py)
+    nbytes: int  # of the decoding copies
 
     def __enter__(self) -> PackedLinears:
-        for module, packed in zip(self.modules, self.packed, strict=True):
+        for module, forward in zip(self.modules, self.forwards, strict=True):
             # An instance attribute shadows nn.Linear.forward; nn.Module.__call__ looks it up on the instance.
-            module.forward = _packed_forward(module, packed, self.rows)
+            module.forward = forward
         return self
 
     def __exit__(self, *exc) -> None:
         for module in self.modules:
             module.__dict__.pop("forward", None)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(module.weight.numel() * module.weight.element_size() for module in self.modules)
+    def describe(self) -> str:
+        counts = Counter(self.formats)
+        return f"{self.nbytes / 2**20:.0f} MiB: " + ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
 
 
 def pack_linears(model: nn.Module, rows: int) -> PackedLinears | None:
-    """Packed copies of `model`'s frozen fp32 CPU linear weights, or None where MKL packing does not apply."""
-    if not mkl_packing_available():
-        return None
+    """Decoding copies of `model`'s frozen fp32 CPU linear weights (block form where exact, else MKL-packed for
+    `rows` rows), or None where neither applies."""
     modules = [module for module in model.modules() if packable(module)]
-    if not modules:
-        return None
+    use_blocks, use_mkl = block_linear.kernel() is not None, mkl_packing_available()
+    kept, forwards, formats, nbytes = [], [], [], 0
     with torch.no_grad():
-        packed = [torch.ops.mkl._mkl_reorder_linear_weight(module.weight, rows) for module in modules]
-    return PackedLinears(modules, packed, rows)
+        for module in modules:
+            blocks = block_linear.block_weight(module.weight) if use_blocks else None
+            if blocks is not None:
+                forwards.append(_block_forward(module, blocks))
+                formats.append(blocks.format)
+                nbytes += blocks.nbytes
+            elif use_mkl:
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(module.weight, rows)
+                forwards.append(_packed_forward(module, packed, rows))
+                formats.append("mkl")
+                nbytes += module.weight.numel() * module.weight.element_size()
+            else:
+                continue
+            kept.append(module)
+    return PackedLinears(kept, forwards, formats, nbytes) if kept else None
+
+
+def _plain_only(hidden: torch.Tensor) -> bool:
+    # autograd has no formula for either kernel; both take float32 on the CPU only.
+    return hidden.dtype != torch.float32 or hidden.device.type != "cpu" or torch.is_grad_enabled() and hidden.requires_grad
 
 
 def _packed_forward(module: nn.Linear, packed: torch.Tensor, rows: int):
     weight, bias = module.weight, module.bias
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.dtype != torch.float32 or hidden.device.type != "cpu" or torch.is_grad_enabled() and hidden.requires_grad:
-            return nn.functional.linear(hidden, weight, bias)  # autograd has no formula for the packed kernel
+        if _plain_only(hidden):
+            return nn.functional.linear(hidden, weight, bias)
         return torch.ops.mkl._mkl_linear(hidden, packed, weight, bias, rows)
+
+    return forward
+
+
+def _block_forward(module: nn.Linear, blocks: block_linear.BlockWeight):
+    weight, bias = module.weight, module.bias
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if _plain_only(hidden) or hidden.numel() > block_linear.MAX_ROWS * hidden.shape[-1]:
+            return nn.functional.linear(hidden, weight, bias)  # a prefill: many rows, bound by compute, not bytes
+        return block_linear.block_linear(hidden, blocks, bias)
 
     return forward

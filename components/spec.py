@@ -215,8 +215,10 @@ class GenerationSpec(Section):
     num_gpus_per_actor: float = Field(0, ge=0)
     # Queries per output file; a killed run restarts at the first missing file, so this bounds the lost work.
     shard_size: int = Field(256, ge=1)
-    # On a CPU, decode through MKL's packed GEMM (components/packed_linear.py): same answers, faster small-batch
-    # steps, one more copy of the linear weights in memory per actor. Ignored on a GPU.
+    # On a CPU, decode through a second copy of the linear weights made for small batches: a GGUF backbone's weights
+    # kept in their quantization blocks and rebuilt exactly in a kernel (components/block_linear.py; 92 MiB for
+    # SmolLM2), other weights packed for MKL's GEMM (components/packed_linear.py; their size again). Same answers,
+    # faster steps. Ignored on a GPU.
     pack_weights: bool = True
 
 

@@ -9,8 +9,12 @@ import pytest
 import torch
 
 import components.backbone as backbone_module
+from components import block_linear
 from components.backbone import default_cache_dir, file_sha256, load_backbone, locate_package_file
+from components.generation import decode_batch, render_prompt, tokenize_prompts
 from components.model import LLM2VecGen
+from components.packed_linear import pack_linears
+from components.spec import GenerationSpec
 
 pytestmark = pytest.mark.slow
 
@@ -50,3 +54,21 @@ def test_real_model_encodes_batch_invariantly_and_decodes(smollm2_spec, smollm2_
     assert np.abs(together - alone).max() <= 1e-5
     decoded = model.decode(texts[:2], max_new_tokens=8)
     assert len(decoded) == 2 and all(isinstance(text, str) for text in decoded)
+
+
+def test_the_gguf_backbone_decodes_from_its_blocks_with_the_same_answers(smollm2_backbone):
+    model, tokenizer = smollm2_backbone.model, smollm2_backbone.tokenizer
+    settings = GenerationSpec(max_new_tokens=16, batch_size=4)
+    queries = ["who wrote hamlet", "what is the boiling point of water", "capital of japan", "how do bees make honey"]
+    prompts = tokenize_prompts(tokenizer, [render_prompt(tokenizer, query, settings) for query in queries])
+    packed = pack_linears(model, rows=4)
+    if block_linear.kernel() is None:  # no compiler or no AVX-512: MKL's packing, the same answers
+        assert set(packed.formats) == {"mkl"}
+    else:  # every projection of the 30 layers is Q4_1 in the file, the tied embedding (the LM head) Q8_0
+        assert sorted(packed.formats) == ["q4_1"] * 210 + ["q8_0"]
+        assert packed.nbytes < 100 * 2**20  # against 513 MiB of float32
+    plain = decode_batch(model, tokenizer, prompts, settings)
+    with packed:
+        fast = decode_batch(model, tokenizer, prompts, settings)
+    assert [r.response for r in fast] == [r.response for r in plain]
+    assert "Shakespeare" in plain[0].response
