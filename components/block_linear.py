@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -185,25 +186,42 @@ def _build() -> Path:
     return target
 
 
-def block_linear(hidden: torch.Tensor, weight: BlockWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """hidden (..., K) float32 on the CPU, at most MAX_ROWS rows in all -> (..., N), = hidden @ W^T + bias."""
+def multiplier(weight: BlockWeight, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden (..., K) -> hidden @ W^T + bias through the kernel, with everything but the rows looked up once.
+
+    A decoding step calls this ~200 times (SmolLM2: 7 projections x 30 layers + the head), so the per-call work is
+    kept to a reshape, an allocation and the C call; the caller passes float32 CPU rows, 1..MAX_ROWS of them
+    (`block_linear` checks that for other callers)."""
     library = kernel()
     if library is None:
         raise RuntimeError("block_linear: the kernel is not available on this machine")
-    flat = hidden.reshape(-1, weight.in_features).contiguous()  # (M, K)
-    rows = flat.shape[0]
-    if hidden.dtype != torch.float32 or not 1 <= rows <= MAX_ROWS or hidden.shape[-1] != weight.in_features:
-        raise ValueError(f"block_linear: takes 1..{MAX_ROWS} float32 rows of {weight.in_features}, got "
-                         f"{tuple(hidden.shape)} {hidden.dtype}")
-    if bias is not None:
-        bias = bias.detach().float().contiguous()
-    out = torch.empty(rows, weight.out_features)  # (M, N)
     function = library.q4_1_linear if weight.format == "q4_1" else library.q8_0_linear
-    status = function(
-        flat.data_ptr(), rows, weight.in_features, weight.out_features, weight.codes.data_ptr(),
-        weight.scales.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if status != 0:
-        raise RuntimeError(f"block_linear: the kernel refused shapes {tuple(flat.shape)} x {weight.format}")
-    return out.reshape(*hidden.shape[:-1], weight.out_features)
+    k, n = weight.in_features, weight.out_features
+    bias = bias.detach().float().contiguous() if bias is not None else None
+    # The closure holds the tensors, so the addresses stay valid for as long as it lives.
+    codes, scales = weight.codes.data_ptr(), weight.scales.data_ptr()
+    bias_address = bias.data_ptr() if bias is not None else None
+
+    def multiply(hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, k).contiguous()  # (M, K)
+        out = torch.empty(flat.shape[0], n)  # (M, N)
+        status = function(
+            flat.data_ptr(), flat.shape[0], k, n, codes, scales, bias_address, out.data_ptr(), torch.get_num_threads()
+        )
+        if status != 0:
+            raise RuntimeError(f"block_linear: the kernel refused shapes {tuple(flat.shape)} x {weight.format} ({n}, {k})")
+        return out.view(*hidden.shape[:-1], n)
+
+    multiply.tensors = (weight, bias)  # keeps them alive with the closure (addresses above)
+    return multiply
+
+
+def block_linear(hidden: torch.Tensor, weight: BlockWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden (..., K) float32 on the CPU, at most MAX_ROWS rows in all -> (..., N), = hidden @ W^T + bias."""
+    rows = hidden.numel() // max(1, hidden.shape[-1]) if hidden.dim() else 0
+    if hidden.dtype != torch.float32 or hidden.device.type != "cpu" or not 1 <= rows <= MAX_ROWS or (
+        hidden.shape[-1] != weight.in_features
+    ):
+        raise ValueError(f"block_linear: takes 1..{MAX_ROWS} float32 CPU rows of {weight.in_features}, got "
+                         f"{tuple(hidden.shape)} {hidden.dtype} on {hidden.device}")
+    return multiplier(weight, bias)(hidden)

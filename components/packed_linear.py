@@ -116,10 +116,12 @@ def _packed_forward(module: nn.Linear, packed: torch.Tensor, rows: int):
 
 def _block_forward(module: nn.Linear, blocks: block_linear.BlockWeight):
     weight, bias = module.weight, module.bias
+    multiply = block_linear.multiplier(blocks, bias)
+    most = block_linear.MAX_ROWS * blocks.in_features
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        if _plain_only(hidden) or hidden.numel() > block_linear.MAX_ROWS * hidden.shape[-1]:
+        if _plain_only(hidden) or hidden.numel() > most:
             return nn.functional.linear(hidden, weight, bias)  # a prefill: many rows, bound by compute, not bytes
-        return block_linear.block_linear(hidden, blocks, bias)
+        return multiply(hidden)
 
     return forward
