@@ -1,6 +1,6 @@
 """Generated tokens per second: our generation code against a plain `model.generate` loop, on this machine.
 
-    python -m benchmarks.generation [--queries 64] [--rounds 1]
+    python -m benchmarks.generation [--queries 64] [--rounds 1] [--spec SPEC] [--set key=value ...]
 
 Both answer the same real queries (NQ-open, selected as the generate stage selects them) with the real backbone
 of specs/smollm2-135m.yaml, the same decoding settings (greedy; max_new_tokens and batch_size from the spec) and
@@ -14,7 +14,8 @@ the same chat-rendered prompts:
            GGUF blocks, rebuilt exactly in components/block_linear.py's kernel; the time to make it is printed,
            not counted, like the model load of either side)
 Both run with the same number of torch threads, by default the CPUs one generation actor gets
-(generation.num_cpus_per_actor). Tokens counted are the new tokens before EOS. The machine may be shared, so the
+(generation.num_cpus_per_actor); on a machine with a GPU both run on it, as a generation actor with a GPU does
+(`--set backbone.dtype=bfloat16` for its usual precision). Tokens counted are the new tokens before EOS. The machine may be shared, so the
 two are interleaved batch by batch (batch i of plain, then batch i of ours, alternating which goes first): a burst
 of load from another process falls on both. Wall-clock and process-CPU-time rates are printed; the last line,
 `generation ratio: X.XX`, is ours over plain in wall-clock tokens per second.
@@ -51,7 +52,7 @@ def plain_batch(model, tokenizer, queries, generation) -> list[tuple[str, int]]:
     tokenizer.padding_side = "left"
     eos = stop_token_ids(model, tokenizer)
     prompts = [render_prompt(tokenizer, query, generation) for query in queries]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     out = model.generate(
         **batch, max_new_tokens=generation.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )
@@ -67,9 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the interleaved runs and add up the times")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: one actor's CPUs)")
+    parser.add_argument("--spec", default=SPEC, help="the spec whose backbone and generation settings are used")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
     args = parser.parse_args(argv)
 
-    spec = load_spec(SPEC)
+    spec = load_spec(args.spec, args.set)
     generation = spec.generation
     torch.set_num_threads(args.threads or max(1, int(generation.num_cpus_per_actor)))
     queries = load_queries(
@@ -77,9 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     ).texts
     backbone = load_backbone(spec.backbone)
     model, tokenizer = backbone.model, backbone.tokenizer
+    if torch.cuda.is_available():  # as a generation actor with a GPU does
+        model.to("cuda")
     size = generation.batch_size
-    print(f"{len(queries)} NQ-open queries, {SPEC}: max_new_tokens {generation.max_new_tokens}, batch_size {size}, "
-          f"greedy; torch threads {torch.get_num_threads()}; ours without Ray")
+    device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU, torch threads {torch.get_num_threads()}"
+    print(f"{len(queries)} NQ-open queries, {args.spec}{' ' + ' '.join(args.set) if args.set else ''}: max_new_tokens "
+          f"{generation.max_new_tokens}, batch_size {size}, greedy; {device} {model.dtype}; ours without Ray")
     started = time.perf_counter()
     packed = pack_linears(model, size) if generation.pack_weights else None
     print(f"decoding weights: {f'{packed.describe()}, in {time.perf_counter() - started:.1f}s' if packed else 'plain'}")
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
                     with ours_context:
                         answers = [(r.response, r.response_tokens) for r in
                                    decode_batch(model, tokenizer, [prompts[i] for i in rows], generation)]
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
                 seconds[name] += time.perf_counter() - started
                 cpu_seconds[name] += time.process_time() - cpu_started
                 for row, answer in zip(rows, answers, strict=True):

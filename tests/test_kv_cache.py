@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from components.backbone import load_backbone
+from components.generation import decoding_cache
 from components.kv_cache import ReservedLayer, reserved_cache
 from components.spec import load_spec
 
@@ -59,3 +62,12 @@ def test_a_model_gives_the_same_logits_with_either_cache():
                 steps.append(model(input_ids=ids[:, position : position + 1], cache=cache, use_cache=True).logits[:, -1])
         logits[name] = torch.stack(steps)
     torch.testing.assert_close(logits["reserved"], logits["dynamic"], rtol=0, atol=0)
+
+
+def test_decoding_reserves_the_cache_on_a_cpu_and_leaves_it_to_transformers_on_a_gpu():
+    model = load_backbone(load_spec("specs/tiny.yaml").backbone).model
+    on_cpu = decoding_cache(model, 12)
+    assert on_cpu.layers and all(type(layer) is ReservedLayer and layer.capacity == 12 for layer in on_cpu.layers)
+    # Only the device is read; a stand-in avoids needing a GPU here.
+    on_gpu = decoding_cache(SimpleNamespace(device=torch.device("cuda"), config=model.config), 12)
+    assert on_gpu.layers and all(type(layer) is DynamicLayer for layer in on_gpu.layers)
