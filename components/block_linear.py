@@ -67,40 +67,52 @@ class BlockWeight:
 
 def q4_1_factors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(q uint8 (N, K), d fp16 (N, K/32), m fp16 (N, K/32)) with d*q + m == weight exactly, or None."""
-    blocks = _blocks(weight)
-    if blocks is None:
-        return None
-    # The quantizer maps a block's minimum to q = 0 (so m is the minimum itself) and its maximum to q = 15.
-    low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
-    step = ((high - low) / 15).half().float()
-    q = torch.where(step > 0, (blocks - low) / torch.where(step > 0, step, 1), 0).round().clamp(0, 15)
-    if not _same_bits(step * q + low, blocks) or not _same_bits(low.half().float(), low):
-        return None
-    n, k = weight.shape
-    return q.to(torch.uint8).reshape(n, k), step.half().reshape(n, k // BLOCK), low.half().reshape(n, k // BLOCK)
+    return _by_rows(weight, _q4_1_rows)
 
 
 def q8_0_factors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(q int8 (N, K), d fp16 (N, K/32)) with d*q == weight exactly, or None."""
-    blocks = _blocks(weight)
-    if blocks is None:
+    return _by_rows(weight, _q8_0_rows)
+
+
+def _q4_1_rows(blocks: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    # The quantizer maps a block's minimum to q = 0 (so m is the minimum itself) and its maximum to q = 15.
+    low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)  # (rows, K/32, 1)
+    step = ((high - low) / 15).half().float()
+    q = torch.where(step > 0, (blocks - low) / torch.where(step > 0, step, 1), 0).round().clamp(0, 15)
+    if not _same_bits(step * q + low, blocks) or not _same_bits(low.half().float(), low):
         return None
+    return q.to(torch.uint8).flatten(1), step.half().flatten(1), low.half().flatten(1)
+
+
+def _q8_0_rows(blocks: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     # The quantizer maps the block's largest magnitude to +-127.
-    step = blocks.abs().amax(-1, keepdim=True) / 127
+    step = blocks.abs().amax(-1, keepdim=True) / 127  # (rows, K/32, 1)
     q = torch.where(step > 0, blocks / torch.where(step > 0, step, 1), 0).round()
     if not _same_bits(step.half().float(), step) or q.abs().max() > 127 or not _same_bits(step * q, blocks):
         return None
-    n, k = weight.shape
-    return q.to(torch.int8).reshape(n, k), step.half().reshape(n, k // BLOCK)
+    return q.to(torch.int8).flatten(1), step.half().flatten(1)
 
 
-def _blocks(weight: torch.Tensor) -> torch.Tensor | None:
+def _by_rows(weight: torch.Tensor, factor, rows: int = 2048) -> tuple[torch.Tensor, ...] | None:
+    """`factor` over (rows, K/32, 32) slices of the weight's blocks, concatenated; None as soon as one slice fails.
+
+    Slices bound the temporaries (a 151k-token embedding would need several GiB at once) and let a matrix that is
+    not block-quantized fail on its first slice."""
     if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
         return None
     n, k = weight.shape
-    if n % PANEL or k % BLOCK or not torch.isfinite(weight).all():
+    if n % PANEL or k % BLOCK:
         return None
-    return weight.detach().reshape(n, k // BLOCK, BLOCK)
+    blocks = weight.detach().reshape(n, k // BLOCK, BLOCK)
+    parts = []
+    for start in range(0, n, rows):
+        rows_blocks = blocks[start : start + rows]
+        part = factor(rows_blocks) if torch.isfinite(rows_blocks).all() else None
+        if part is None:
+            return None
+        parts.append(part)
+    return tuple(torch.cat(pieces) for pieces in zip(*parts, strict=True))
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -71,6 +71,16 @@ def test_weights_that_are_not_exactly_quantized_stay_float32():
     assert block_weight(q4).format == "q4_1" and block_weight(q8).format == "q8_0"
 
 
+def test_factors_found_slice_by_slice_are_those_of_the_whole_matrix():
+    weight = quantized_q4_1(torch.randn(80, 64, generator=torch.Generator().manual_seed(6)))
+    whole = q4_1_factors(weight)
+    sliced = block_linear._by_rows(weight, block_linear._q4_1_rows, rows=16)
+    assert all(torch.equal(a, b) for a, b in zip(whole, sliced, strict=True))
+    assert block_linear._by_rows(one_ulp_off(weight, (70, 9)), block_linear._q4_1_rows, rows=16) is None  # last slice
+    weight[33, 0] = float("inf")
+    assert q4_1_factors(weight) is None
+
+
 @needs_kernel
 @pytest.mark.parametrize("quantize", [quantized_q4_1, quantized_q8_0])
 def test_the_kernel_rebuilds_the_exact_weights(quantize):
