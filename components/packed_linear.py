@@ -78,6 +78,8 @@ def pack_linears(model: nn.Module, rows: int) -> PackedLinears | None:
     """Decoding copies of `model`'s frozen fp32 CPU linear weights (block form where exact, else MKL-packed for
     `rows` rows), or None where neither applies."""
     modules = [module for module in model.modules() if packable(module)]
+    if not modules:  # a model on a GPU, or one being trained: nothing to copy, no kernel to build
+        return None
     use_blocks, use_mkl = block_linear.kernel() is not None, mkl_packing_available()
     kept, forwards, formats, nbytes = [], [], [], 0
     with torch.no_grad():
