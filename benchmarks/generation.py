@@ -15,8 +15,8 @@ the same chat-rendered prompts:
            not counted, like the model load of either side)
 Both run with the same number of torch threads, by default the CPUs one generation actor gets
 (generation.num_cpus_per_actor); on a machine with a GPU both run on it, as a generation actor with a GPU does
-(`--set backbone.dtype=bfloat16` for its usual precision). Tokens counted are the new tokens before EOS. The machine may be shared, so the
-two are interleaved batch by batch (batch i of plain, then batch i of ours, alternating which goes first): a burst
+(`--set backbone.dtype=bfloat16` for its usual precision). Tokens counted are the new tokens before EOS. The
+machine may be shared, so the two are interleaved batch by batch (batch i of plain, then batch i of ours, alternating which goes first): a burst
 of load from another process falls on both. Wall-clock and process-CPU-time rates are printed; the last line,
 `generation ratio: X.XX`, is ours over plain in wall-clock tokens per second.
 
@@ -40,7 +40,8 @@ from components.backbone import load_backbone
 from components.generation import decode_batch, length_batches, render_prompt, stop_token_ids, tokenize_prompts
 from components.packed_linear import pack_linears
 from components.queries import load_queries
-from components.spec import DataSpec, load_spec
+from components.spec import DataSpec
+from workflows._cli import add_spec_arguments, spec_from_args
 
 SPEC = "specs/smollm2-135m.yaml"
 QUERIES = "../shared/data/nq_open/NQ-open.dev.jsonl"
@@ -68,11 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the interleaved runs and add up the times")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: one actor's CPUs)")
-    parser.add_argument("--spec", default=SPEC, help="the spec whose backbone and generation settings are used")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    add_spec_arguments(parser, default=SPEC)
     args = parser.parse_args(argv)
 
-    spec = load_spec(args.spec, args.set)
+    spec = spec_from_args(args)
+    if spec is None:
+        raise SystemExit(2)
     generation = spec.generation
     torch.set_num_threads(args.threads or max(1, int(generation.num_cpus_per_actor)))
     queries = load_queries(
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     if torch.cuda.is_available():  # as a generation actor with a GPU does
         model.to("cuda")
     size = generation.batch_size
-    device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU, torch threads {torch.get_num_threads()}"
+    on_gpu = model.device.type == "cuda"
+    device = torch.cuda.get_device_name() if on_gpu else f"CPU, torch threads {torch.get_num_threads()}"
     print(f"{len(queries)} NQ-open queries, {args.spec}{' ' + ' '.join(args.set) if args.set else ''}: max_new_tokens "
           f"{generation.max_new_tokens}, batch_size {size}, greedy; {device} {model.dtype}; ours without Ray")
     started = time.perf_counter()
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                     with ours_context:
                         answers = [(r.response, r.response_tokens) for r in
                                    decode_batch(model, tokenizer, [prompts[i] for i in rows], generation)]
-                if model.device.type == "cuda":
+                if on_gpu:
                     torch.cuda.synchronize()
                 seconds[name] += time.perf_counter() - started
                 cpu_seconds[name] += time.process_time() - cpu_started

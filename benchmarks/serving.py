@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workflows._cli import add_spec_arguments, spec_from_args
+
 SPEC = "specs/smollm2-135m.yaml"
 QUESTIONS = "../shared/data/nq_open/NQ-open.dev.jsonl"
 ABSTRACTS = "../shared/data/scifact/corpus.jsonl"
@@ -203,8 +205,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4, help="turns each side takes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica (the machine has few cores)")
-    parser.add_argument("--spec", default=SPEC, help="the spec whose backbone and serving settings are served")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    add_spec_arguments(parser, default=SPEC)  # the spec whose backbone and serving settings are served
     parser.add_argument("--num-gpus", type=float, default=0.0,
                         help="GPU share of each application's replica (0.5: both applications on one GPU)")
     return parser.parse_args(argv)
@@ -219,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from components.model import LLM2VecGen
-    from components.spec import load_spec
     from serve.app import build_app
 
-    spec = load_spec(args.spec, args.set)
+    spec = spec_from_args(args)
+    if spec is None:
+        return 2
     device = "cuda" if args.num_gpus > 0 else "cpu"
     texts = load_texts(args.requests)
     workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))

@@ -9,8 +9,12 @@ import sys
 from components.spec import Spec, SpecError, load_spec
 
 
-def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", help="a spec file, e.g. specs/smollm2-135m.yaml")
+def add_spec_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """SPEC (positional), or `--spec` with `default` for commands that have one (the benchmarks)."""
+    if default is None:
+        parser.add_argument("spec", help="a spec file, e.g. specs/smollm2-135m.yaml")
+    else:
+        parser.add_argument("--spec", default=default, help=f"a spec file (default: {default})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key (dotted path)")
 
 
