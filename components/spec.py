@@ -196,6 +196,8 @@ class DataSpec(Section):
     dedup: bool = True
     max_query_chars: int = Field(2000, ge=1)
     holdout_fraction: float = Field(0.0, ge=0, lt=1)
+    # Of the held-out rows, at most this many (a seeded sample) are scored during training, on one worker.
+    holdout_max_rows: int | None = Field(2048, ge=1)
 
 
 class GenerationSpec(Section):

@@ -65,11 +65,11 @@ def stage_teach(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
 
 def stage_train(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
     from workflows.generate import run_teach
-    from workflows.train import rows_from_targets, run_train
+    from workflows.train import run_train, training_data
 
     targets = results.get("teach", {}).get("targets") or run_teach(spec)
-    rows, dimension, fingerprint = rows_from_targets(targets)
-    return run_train(spec, rows, embedding_dim=dimension, rows_fingerprint=fingerprint)
+    data = training_data(spec, targets)  # an Arrow file the workers memory-map, not rows in memory
+    return run_train(spec, data, embedding_dim=data.dimension, rows_fingerprint=data.fingerprint)
 
 
 def stage_evaluate(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:

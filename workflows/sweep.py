@@ -69,11 +69,12 @@ def run_sweep(spec: Spec) -> dict[str, Any]:
 
     from components.tracking import start_run
     from workflows.generate import run_teach
-    from workflows.train import rows_from_targets
+    from workflows.train import training_data
 
     if spec.sweep is None:
         raise SpecError("sweep: this spec has no sweep section")
-    rows, dimension, fingerprint = rows_from_targets(run_teach(spec))  # shared by all trials
+    data = training_data(spec, run_teach(spec))  # one file shared by all trials; only its path travels
+    rows, dimension, fingerprint = data, data.dimension, data.fingerprint
     sweep = spec.sweep
     folder = (spec.run_dir / "sweep").resolve()
     name = f"sweep-{spec.fingerprint()}"

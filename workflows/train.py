@@ -1,6 +1,9 @@
 """Training stage: Ray Train TorchTrainer, DeepSpeed inside the loop, MLflow on rank 0.
 
-    run_train(spec, rows, embedding_dim) -> model folder
+    run_train(spec, training_data(spec, teach_folder), embedding_dim) -> model folder
+
+The rows reach the workers as one memory-mapped Arrow file (components/train_data.py), never as Python objects:
+each worker builds the global batch order from the rows' token counts and reads one micro batch at a time.
 
 Only the K special-token rows and the two projections are optimised. Checkpoints (via ray.train.report)
 hold only those, DeepSpeed's optimizer and scheduler state, and the step; the step fixes the data position
@@ -24,7 +27,8 @@ import numpy as np
 import torch
 
 from components.spec import Spec, validate_spec
-from components.training import Row, split_holdout
+from components.train_data import TrainingData, training_data_from_rows
+from components.training import Row
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +36,18 @@ MODEL_DIR = "model"
 COMPLETE = "complete.json"  # written into a checkpoint folder last: a resume may start from it
 
 
+def training_data(spec: Spec, folder: str | Path) -> TrainingData:
+    """The teach stage's output in `folder` as the train stage reads it (a cached Arrow file in the run folder)."""
+    from components.train_data import prepare_training_data
+
+    return prepare_training_data(spec, folder)
+
+
 def rows_from_targets(folder: str | Path) -> tuple[list[Row], int, str]:
-    """Training rows from the teach stage's output: (rows, teacher dimension, a fingerprint of the rows)."""
+    """Training rows from the teach stage's output as Python objects: (rows, teacher dimension, a fingerprint).
+
+    Small outputs only (8x the rows' float32 size): the train stage and the sweep use training_data instead.
+    """
     from components.stages import ShardedOutput
 
     output = ShardedOutput.load(Path(folder))
@@ -56,20 +70,28 @@ def training_run_name(spec: Spec, rows_fingerprint: str) -> str:
 
 def run_train(
     spec: Spec,
-    rows: list[Row],
-    embedding_dim: int,
-    rows_fingerprint: str,
+    rows: TrainingData | list[Row],
+    embedding_dim: int | None = None,
+    rows_fingerprint: str | None = None,
     callbacks: list | None = None,
     parent_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Train on `rows` with Ray Train; returns where the model is and the MLflow run.
+    """Train with Ray Train; returns where the model is and the MLflow run.
 
-    `callbacks` go to the Ray Train run (a sweep passes Tune's report callback); `parent_run_id` nests the
-    MLflow run under a sweep's run.
+    `rows`: the training file of training_data (a few in-memory Rows are written into one first, named by
+    `rows_fingerprint`). `callbacks` go to the Ray Train run (a sweep passes Tune's report callback);
+    `parent_run_id` nests the MLflow run under a sweep's run.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if isinstance(rows, list):
+        if rows_fingerprint is None:
+            raise ValueError("run_train: rows given as a list need a rows_fingerprint")
+        rows = training_data_from_rows(spec, rows, rows_fingerprint)
+    data = rows
+    rows_fingerprint = rows_fingerprint or data.fingerprint
+    embedding_dim = embedding_dim or data.dimension
     name = training_run_name(spec, rows_fingerprint)
     output = (spec.run_dir / "train" / name).resolve()
     model_dir = output / MODEL_DIR
@@ -77,8 +99,9 @@ def run_train(
         log.info("training: %s exists, skipping", model_dir)
         return json.loads((output / "result.json").read_text())
     storage = (spec.run_dir / "ray_train").resolve()
-    train_rows, holdout_rows = split_holdout(rows, spec.data.holdout_fraction)
-    datasets = {"train": _dataset(train_rows)} | ({"holdout": _dataset(holdout_rows)} if holdout_rows else {})
+    # A whole-table statistic is computed here once, chunk by chunk, rather than by every worker over every row.
+    mean = data.train_mean(spec) if spec.loss.center_targets else None
+    datasets = data.trainer_datasets(spec)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -87,10 +110,14 @@ def run_train(
             "output": str(output),
             "name": name,
             "fail_at": os.environ.get("LLM2VEC_GEN_FAIL_AT_STEP"),
-            "datasets": sorted(datasets),
+            # A path and counts, not rows: the workers memory-map the file. On a multi-node cluster the run folder
+            # must already be shared storage (Ray Train's storage_path is in it), so every node reads the same file.
+            "data": data,
+            "mean": mean,
             "parent_run_id": parent_run_id,
             "in_sweep": bool(callbacks),
             "checkpoints": str(storage / name),
+            "started": time.time(),
         },
         scaling_config=ScalingConfig(num_workers=spec.training.num_workers, use_gpu=spec.training.use_gpu),
         torch_config=TorchConfig(backend="nccl" if spec.training.use_gpu else "gloo"),
@@ -112,15 +139,6 @@ def run_train(
     return summary
 
 
-def _dataset(rows: list[Row]):
-    import ray.data
-
-    dataset = ray.data.from_items([row.__dict__ | {"teacher": list(row.teacher)} for row in rows])
-    # Each worker reads these few in-memory rows once; a live progress bar per worker only floods the log.
-    dataset.context.enable_progress_bars = False
-    return dataset
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
@@ -129,13 +147,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from components.model import LLM2VecGen
     from components.training import (
         batch_schedule,
-        centered_targets,
         decoded_samples,
         deepspeed_config,
         embedding_metrics,
         holdout_metrics,
         lr_factor,
-        mean_target,
     )
 
     spec = validate_spec(config["spec"], source="train_loop_config")
@@ -146,16 +162,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(training.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
+    loop_started = time.time()
     model = LLM2VecGen.from_spec(spec, embedding_dim=config["embedding_dim"], backbone=load_backbone(spec.backbone))
     device = torch.device("cuda", torch.cuda.current_device()) if training.use_gpu else torch.device("cpu")
     model.to(device)
-    rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda row: row["id"])
-    lengths = model.token_lengths([r["query"] for r in rows], [r["response"] for r in rows], training.max_response_tokens)
-    holdout_shard = ray.train.get_dataset_shard("holdout") if "holdout" in config["datasets"] else None
-    holdout = sorted(holdout_shard.iter_rows(), key=lambda row: row["id"]) if holdout_shard else []
-    if spec.loss.center_targets:
-        mean = mean_target(rows)  # from the training rows only, applied to the held-out ones alike
-        rows, holdout = centered_targets(rows, mean), centered_targets(holdout, mean)
+    # The training rows' token counts (the batch order is built from them); rows themselves are read per batch.
+    # With center_targets, `mean` is the training rows' mean target, subtracted from the held-out ones alike.
+    rows = config["data"].open(spec, model, mean=config.get("mean"))
+    lengths = rows.lengths
+    holdout = rows.holdout_rows() if rank == 0 else []  # only rank 0 scores and decodes them
     # Ray registers a reported checkpoint only when its controller next polls the workers: a run that dies just
     # after reporting (or a driver killed) leaves a newer, complete checkpoint on disk than the one Ray hands back,
     # or none at all. A re-run of the same spec starts from the newest complete one (same name, same folder).
@@ -197,22 +212,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker.log(holdout_metrics(model, holdout, training, spec.loss), 0)  # the starting point, e.g. of a fitted head
     window: dict[str, list[float]] = {}
     tokens, samples, window_start, grad_norm = 0, 0, time.perf_counter(), 0.0
+    step_times: list[float] = []  # wall clock at the end of each optimizer step this run made
     for step, micro, indices in batch_schedule(lengths, training, rank, world_size):
         if step < start_step:
             continue
         if step >= training.max_steps:
             break
-        chosen = [rows[i] for i in indices]
-        batch = model.collate(
-            [r["query"] for r in chosen], [r["response"] for r in chosen], [r["teacher"] for r in chosen], training.max_response_tokens
-        )
+        queries, responses, targets = rows.batch(indices)  # one micro batch materialised at a time
+        batch = model.collate(queries, responses, targets, training.max_response_tokens)
         losses = engine(batch, spec.loss)
         engine.backward(losses.total)
         if engine.is_gradient_accumulation_boundary():
             grad_norm = _grad_norm(model)
         engine.step()
         tokens += int(batch.query_mask.sum() + batch.response_mask.sum())
-        samples += len(chosen)
+        samples += len(queries)
         for key, value in {
             "loss": losses.total.item(),
             "reconstruction_loss": losses.reconstruction.item(),
@@ -249,7 +263,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elif reporting:
             ray.train.report(metrics)
         window, tokens, samples, window_start = {}, 0, 0, time.perf_counter()
+        step_times.append(time.time())
 
+    _write_worker_stats(output, rank, config.get("started"), loop_started, step_times)
     if rank == 0:
         if spec.model.refit_alignment:
             # The readout that minimises the alignment loss for the features training ended with, in closed form.
@@ -266,6 +282,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (output / "result.json").write_text(json.dumps(summary, indent=2))
 
 
+def _write_worker_stats(output: Path, rank: int, started: float | None, loop_started: float, step_times: list[float]) -> None:
+    """workers/rank-<r>.json in the training folder: this worker's peak RSS, when its first step ended and its
+    step rate (the first step excluded), so that the memory and the start-up cost of a run can be read back."""
+    import resource
+
+    steps = len(step_times)
+    stats = {
+        "rank": rank,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "loop_started_unix": loop_started,
+        "first_step_unix": step_times[0] if steps else None,
+        "first_step_after_run_train_s": step_times[0] - started if steps and started else None,
+        "steps": steps,
+        "steps_per_s": (steps - 1) / (step_times[-1] - step_times[0]) if steps > 1 and step_times[-1] > step_times[0] else None,
+    }
+    (output / "workers").mkdir(parents=True, exist_ok=True)
+    (output / "workers" / f"rank-{rank}.json").write_text(json.dumps(stats, indent=2))
+    log.info("rank %d: %s", rank, stats)
+
+
 def _report_checkpoint(engine, metrics: dict[str, float], step: int, run_id: str | None, rank: int) -> None:
     import ray.train
     from ray.train import Checkpoint
@@ -279,12 +315,13 @@ def _report_checkpoint(engine, metrics: dict[str, float], step: int, run_id: str
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if written else None)
 
 
-def _fit_heads(model, rows: list[dict], spec: Spec, reconstruction: str, alignment: str) -> None:
-    """LLM2VecGen.fit_heads on a seeded sample of the training rows (the same sample on every worker)."""
+def _fit_heads(model, rows, spec: Spec, reconstruction: str, alignment: str) -> None:
+    """LLM2VecGen.fit_heads on a seeded sample of the training rows (the same sample on every worker): only
+    those `init_samples` rows are read."""
     count = min(spec.model.init_samples, len(rows))
-    sample = [rows[i] for i in random.Random(spec.training.seed).sample(range(len(rows)), count)]
-    targets = torch.tensor(np.asarray([r["teacher"] for r in sample]), dtype=torch.float32)
-    model.fit_heads([r["query"] for r in sample], targets, reconstruction, alignment, spec.model.init_ridge)
+    queries, _, targets = rows.batch(random.Random(spec.training.seed).sample(range(len(rows)), count))
+    model.fit_heads(queries, torch.tensor(np.asarray(targets), dtype=torch.float32), reconstruction, alignment,
+                    spec.model.init_ridge)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
