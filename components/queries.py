@@ -2,7 +2,8 @@
 
 A source is a jsonl, json (a list of records), parquet, csv or tsv file, or a Hugging Face dataset (format hf,
 online only). Its text is one field (`text_field`) or several joined by a `template` such as Alpaca's
-"{instruction}\\n{input}". A row whose text is missing, not a string, empty, or longer than
+"{instruction}\\n{input}", or the user message of a single-turn chat (`messages_field`, e.g. the Tulu-3 SFT
+mixture). A row whose text is missing, not a string, not a single-turn chat, empty, or longer than
 `data.max_query_chars` is skipped and counted, never fatal; so is an exact duplicate when `data.dedup` is on.
 
 Selection is deterministic: the same spec and files give the same queries in the same order, so that their
@@ -31,7 +32,7 @@ import pyarrow as pa
 from components.spec import DataSourceSpec, DataSpec
 
 # Why a row can be skipped, in the order the checks run.
-SKIP_REASONS = ("malformed", "missing_field", "not_string", "empty", "too_long", "duplicate")
+SKIP_REASONS = ("malformed", "missing_field", "not_string", "not_single_turn", "empty", "too_long", "duplicate")
 
 _SUFFIX_FORMATS = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"
@@ -177,6 +178,8 @@ def query_text(record: Any, source: DataSourceSpec, max_chars: int) -> tuple[str
     """(text, None) for a usable row, else (None, why it is skipped: one of SKIP_REASONS)."""
     if not isinstance(record, dict):
         return None, "malformed"
+    if source.messages_field is not None:
+        return _single_turn_query(record, source.messages_field, max_chars)
     names = [source.text_field] if source.text_field is not None else template_fields(source.template)
     for name in names:
         if name not in record:
@@ -190,6 +193,33 @@ def query_text(record: Any, source: DataSourceSpec, max_chars: int) -> tuple[str
     if len(text) > max_chars:
         return None, "too_long"
     return text, None
+
+
+def _single_turn_query(record: dict, field: str, max_chars: int) -> tuple[str | None, str | None]:
+    """The user message of a conversation of exactly [user, assistant] messages (the Tulu-3 SFT mixture's rows)."""
+    if field not in record:
+        return None, "missing_field"
+    messages = record[field]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return None, "malformed"
+    if [m.get("role") for m in messages] != ["user", "assistant"]:
+        return None, "not_single_turn"
+    text = messages[0].get("content")
+    if not isinstance(text, str):
+        return None, "not_string"
+    text = text.strip()
+    if not text:
+        return None, "empty"
+    if len(text) > max_chars:
+        return None, "too_long"
+    return text, None
+
+
+def source_columns(source: DataSourceSpec) -> list[str]:
+    """The fields a source's text rule reads (the only columns worth reading from a wide file)."""
+    if source.messages_field is not None:
+        return [source.messages_field]
+    return [source.text_field] if source.text_field is not None else template_fields(source.template)
 
 
 def template_fields(template: str) -> list[str]:
@@ -239,7 +269,12 @@ def read_records(source: DataSourceSpec, key: str) -> Iterator[Any]:
         elif kind == "parquet":
             import pyarrow.parquet as pq
 
-            yield from pq.read_table(path).to_pylist()
+            # Batch by batch, and only the columns the text rule reads: a million-row chat file (the Tulu-3 SFT
+            # mixture) never becomes Python objects all at once.
+            parquet = pq.ParquetFile(path)
+            columns = [name for name in source_columns(source) if name in parquet.schema_arrow.names]
+            for batch in parquet.iter_batches(batch_size=4096, columns=columns or None):
+                yield from batch.to_pylist()
         else:
             with open(path, encoding="utf-8-sig", newline="") as handle:
                 # Rows with more fields than the header keep the extras under None, which no text rule names.

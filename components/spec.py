@@ -179,9 +179,17 @@ class DataSourceSpec(Section):
     limit: int | None = Field(None, ge=1)
     split: str | None = None
     subset: str | None = None  # the configuration name of a Hugging Face dataset (format hf), e.g. "main"
+    # A chat dataset (e.g. allenai/tulu-3-sft-mixture): this field holds a list of {role, content} messages; only
+    # single-turn conversations (exactly one user message, then one assistant message) are kept, and the query is
+    # the user message. Used instead of text_field / template.
+    messages_field: str | None = None
 
     @model_validator(mode="after")
     def _one_text_rule(self) -> DataSourceSpec:
+        if self.messages_field is not None:
+            if self.text_field is not None or self.template is not None:
+                raise ValueError("give exactly one of text_field, template and messages_field")
+            return self
         if (self.text_field is None) == (self.template is None):
             raise ValueError("give exactly one of text_field and template")
         return self
