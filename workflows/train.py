@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from components.reporting import MetricsSender
 from components.spec import Spec, validate_spec
 from components.train_data import TrainingData, training_data_from_rows
 from components.training import Row
@@ -213,57 +214,67 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window: dict[str, list[float]] = {}
     tokens, samples, window_start, grad_norm = 0, 0, time.perf_counter(), 0.0
     step_times: list[float] = []  # wall clock at the end of each optimizer step this run made
-    for step, micro, indices in batch_schedule(lengths, training, rank, world_size):
-        if step < start_step:
-            continue
-        if step >= training.max_steps:
-            break
-        queries, responses, targets = rows.batch(indices)  # one micro batch materialised at a time
-        batch = model.collate(queries, responses, targets, training.max_response_tokens)
-        losses = engine(batch, spec.loss)
-        engine.backward(losses.total)
-        if engine.is_gradient_accumulation_boundary():
-            grad_norm = _grad_norm(model)
-        engine.step()
-        tokens += int(batch.query_mask.sum() + batch.response_mask.sum())
-        samples += len(queries)
-        for key, value in {
-            "loss": losses.total.item(),
-            "reconstruction_loss": losses.reconstruction.item(),
-            "alignment_loss": losses.alignment.item(),
-            **embedding_metrics(losses.embedding, batch.teacher),
-        }.items():
-            window.setdefault(key, []).append(value)
-        if micro != training.grad_accumulation - 1:
-            continue
+    try:
+        for step, micro, indices in batch_schedule(lengths, training, rank, world_size):
+            if step < start_step:
+                continue
+            if step >= training.max_steps:
+                break
+            queries, responses, targets = rows.batch(indices)  # one micro batch materialised at a time
+            batch = model.collate(queries, responses, targets, training.max_response_tokens)
+            losses = engine(batch, spec.loss)
+            engine.backward(losses.total)
+            if engine.is_gradient_accumulation_boundary():
+                grad_norm = _grad_norm(model)
+            engine.step()
+            tokens += int(batch.query_mask.sum() + batch.response_mask.sum())
+            samples += len(queries)
+            for key, value in {
+                "loss": losses.total.item(),
+                "reconstruction_loss": losses.reconstruction.item(),
+                "alignment_loss": losses.alignment.item(),
+                **embedding_metrics(losses.embedding, batch.teacher),
+            }.items():
+                window.setdefault(key, []).append(value)
+            if micro != training.grad_accumulation - 1:
+                continue
 
-        done = step + 1
-        elapsed = time.perf_counter() - window_start
-        metrics = {key: sum(values) / len(values) for key, values in window.items()}
-        metrics |= {
-            "step": done,
-            "lr": scheduler.get_last_lr()[-1],
-            "grad_norm": grad_norm,
-            "samples_per_s": samples * world_size / elapsed,
-            "tokens_per_s": tokens * world_size / elapsed,
-        }
-        checkpointing = done % training.checkpoint_every == 0 or done == training.max_steps
-        reporting = checkpointing or done % training.log_every == 0
-        # Under a sweep every report must carry the held-out metric the scheduler compares trials by.
-        evaluating = done % eval_every == 0 or done == training.max_steps or (reporting and in_sweep)
-        if rank == 0 and holdout and evaluating:
-            metrics |= holdout_metrics(model, holdout, training, spec.loss)
-            if tracker and training.decode_samples:
-                tracker.log_text(decoded_samples(model, holdout[: training.decode_samples]), f"decoded/step_{done:06d}.txt")
+            done = step + 1
+            elapsed = time.perf_counter() - window_start
+            metrics = {key: sum(values) / len(values) for key, values in window.items()}
+            metrics |= {
+                "step": done,
+                "lr": scheduler.get_last_lr()[-1],
+                "grad_norm": grad_norm,
+                "samples_per_s": samples * world_size / elapsed,
+                "tokens_per_s": tokens * world_size / elapsed,
+            }
+            checkpointing = done % training.checkpoint_every == 0 or done == training.max_steps
+            reporting = checkpointing or done % training.log_every == 0
+            # Under a sweep every report must carry the held-out metric the scheduler compares trials by.
+            evaluating = done % eval_every == 0 or done == training.max_steps or (reporting and in_sweep)
+            if rank == 0 and holdout and evaluating:
+                metrics |= holdout_metrics(model, holdout, training, spec.loss)
+                if tracker and training.decode_samples:
+                    tracker.log_text(decoded_samples(model, holdout[: training.decode_samples]), f"decoded/step_{done:06d}.txt")
+            if tracker:
+                tracker.log(metrics, done)
+            _maybe_inject_failure(config.get("fail_at"), done, rank, world_size)
+            # ray.train.report costs ~2 s a call (it synchronises with the controller): only where Ray needs it, at
+            # checkpoints and, in a sweep, at every report (Tune's scheduler compares trials by them). MLflow gets
+            # every logged step from the tracker's background thread.
+            if checkpointing:
+                if tracker:
+                    tracker.flush()  # a checkpoint never records a step whose metrics are not in the store
+                _report_checkpoint(engine, metrics, done, tracker.run_id if tracker else None, rank)
+            elif reporting and in_sweep:
+                ray.train.report(metrics)
+            window, tokens, samples, window_start = {}, 0, 0, time.perf_counter()
+            step_times.append(time.time())
+    except BaseException:
         if tracker:
-            tracker.log(metrics, done)
-        _maybe_inject_failure(config.get("fail_at"), done, rank, world_size)
-        if checkpointing:
-            _report_checkpoint(engine, metrics, done, tracker.run_id if tracker else None, rank)
-        elif reporting:
-            ray.train.report(metrics)
-        window, tokens, samples, window_start = {}, 0, 0, time.perf_counter()
-        step_times.append(time.time())
+            tracker.close(quiet=True)  # what was logged before the failure still reaches the store
+        raise
 
     _write_worker_stats(output, rank, config.get("started"), loop_started, step_times)
     if rank == 0:
@@ -296,10 +307,11 @@ def _write_worker_stats(output: Path, rank: int, started: float | None, loop_sta
         "first_step_after_run_train_s": step_times[0] - started if steps and started else None,
         "steps": steps,
         "steps_per_s": (steps - 1) / (step_times[-1] - step_times[0]) if steps > 1 and step_times[-1] > step_times[0] else None,
+        "step_end_unix": step_times,
     }
     (output / "workers").mkdir(parents=True, exist_ok=True)
     (output / "workers" / f"rank-{rank}.json").write_text(json.dumps(stats, indent=2))
-    log.info("rank %d: %s", rank, stats)
+    log.info("rank %d: peak RSS %.0f MiB, %d steps, %s steps/s", rank, stats["peak_rss_mib"], steps, stats["steps_per_s"])
 
 
 def _report_checkpoint(engine, metrics: dict[str, float], step: int, run_id: str | None, rank: int) -> None:
@@ -359,11 +371,22 @@ class _Tracker:
         if run_id is None:
             mlflow.log_params(flatten(spec.to_dict()))
             mlflow.log_text(spec.to_yaml(), "spec.yaml")
+        self.sender = MetricsSender(mlflow.tracking.MlflowClient(), self.run_id)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        import mlflow
+        """Queued for the background sender (components/reporting.py): returns at once."""
+        self.sender.log({key: value for key, value in metrics.items() if key != "step"}, step)
 
-        mlflow.log_metrics({key: value for key, value in metrics.items() if key != "step" and value == value}, step=step)
+    def flush(self) -> None:
+        self.sender.flush()
+
+    def close(self, quiet: bool = False) -> None:
+        try:
+            self.sender.close()
+        except Exception:
+            if not quiet:
+                raise
+            log.exception("MLflow: metrics lost")
 
     def log_text(self, text: str, path: str) -> None:
         import mlflow
@@ -375,6 +398,7 @@ class _Tracker:
 
         from components.tracking import log_and_register_model, tracking_uri
 
+        self.close()  # every queued metric is in the store before the run ends
         model_uri, version = log_and_register_model(model_dir, self.spec, self.run_id)
         mlflow.end_run()
         return {"mlflow_run_id": self.run_id, "mlflow_tracking_uri": tracking_uri(self.spec), "model_uri": model_uri, "registered_version": version}
