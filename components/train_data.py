@@ -306,17 +306,34 @@ def _vectors(column: pa.FixedSizeListArray) -> np.ndarray:
 
 
 class TrainingFile:
-    """The memory-mapped file: record batches located once; rows fetched by global index, one micro batch at a time."""
+    """The memory-mapped file: record batches located once; rows fetched by global index, one micro batch at a time.
+
+    Pages of the map that were read stay counted in the process's RSS until the kernel needs them back: over an
+    epoch a worker would come to "hold" its share of the file. Every RELEASE_BYTES read, the map's pages are
+    dropped from this process (madvise MADV_DONTNEED: they stay in the page cache, a later read maps them again),
+    so the RSS stays bounded by what is read between releases.
+    """
+
+    RELEASE_BYTES = 64 << 20
 
     def __init__(self, path: str | Path):
         self.path = str(path)
         try:
-            reader = pa.ipc.open_file(pa.memory_map(self.path, "r"))
+            self.map = pa.memory_map(self.path, "r")
+            reader = pa.ipc.open_file(self.map)
             self.batches = [reader.get_batch(index) for index in range(reader.num_record_batches)]
         except (OSError, pa.ArrowException) as err:
             raise TrainingDataError(f"{path}: not a readable training file ({err}); delete its folder to rebuild it") from None
         self.starts = np.cumsum([0, *(batch.num_rows for batch in self.batches)])
         self.vectors = [_vectors(batch.column("teacher")) for batch in self.batches]
+        self.read_since_release = 0
+        self.map.seek(0)
+        self.whole = self.map.read_buffer(self.map.size())  # zero-copy: where the map starts, and its size
+
+    def release(self) -> None:
+        """Drop the map's pages from this process's RSS (the data stays in the file and the page cache)."""
+        self.read_since_release = 0
+        _madvise_dontneed(self.whole.address, self.whole.size)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -346,7 +363,26 @@ class TrainingFile:
             responses.append(batch.column(3)[local].as_py())
             vectors.append(self.vectors[chunk][local])
         dimension = self.vectors[0].shape[1] if self.vectors else 0
-        return ids, queries, responses, (np.stack(vectors) if vectors else np.zeros((0, dimension), np.float32))
+        stacked = np.stack(vectors) if vectors else np.zeros((0, dimension), np.float32)  # a copy: outlives a release
+        self.read_since_release += stacked.nbytes + sum(len(text) for text in queries) + sum(len(text) for text in responses)
+        if self.read_since_release > self.RELEASE_BYTES:
+            self.release()
+        return ids, queries, responses, stacked
+
+
+def _madvise_dontneed(address: int, size: int) -> None:
+    """Unmap the pages of [address, address + size) from this process (Linux; elsewhere a no-op)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux") or not size:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = address - address % page
+    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(size + address - start), 4) != 0:  # 4: MADV_DONTNEED
+        log.debug("madvise failed: errno %d", ctypes.get_errno())
 
 
 def split_indices(hashes: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:

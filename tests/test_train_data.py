@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import random
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -18,7 +19,7 @@ from components.model import LLM2VecGen
 from components.spec import load_spec
 from components.stages import ShardedOutput
 from components.train_data import TrainingDataError, TrainingFile, prepare_training_data, split_indices
-from components.training import Row, mean_target, split_holdout
+from components.training import mean_target, split_holdout
 from workflows.train import rows_from_targets, run_train
 
 WORDS = ["red", "blue", "green", "cats", "dogs", "rain", "snow", "wind", "über", "数字", "<|im_end|>"]
@@ -182,3 +183,23 @@ def test_a_teach_output_with_only_empty_answers_is_an_error(tmp_path):
     with pytest.raises(TrainingDataError, match="no rows with a non-empty response"):
         prepare_training_data(spec_for(tmp_path), output.folder)
     assert pq.read_table(output.shard_path(0)).num_rows == 16  # the input is untouched
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc (Linux)")
+def test_reading_every_row_does_not_keep_the_file_in_the_workers_rss(tmp_path):
+    output = write_teach_output(tmp_path / "teach", num_rows=2048, shard_size=1024,
+                                table=lambda ids: teach_table(ids, dimension=4096))  # 32 MiB of vectors
+    spec = spec_for(tmp_path)
+    data = prepare_training_data(spec, output.folder)
+
+    def mapped_kib() -> int:
+        return int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("RssFile")))
+
+    file = TrainingFile(data.path)
+    file.RELEASE_BYTES = 4 << 20
+    before, total = mapped_kib(), 0.0
+    for start in range(0, len(file), 8):
+        total += float(file.rows(range(start, min(start + 8, len(file))))[3].sum())
+    assert mapped_kib() - before < 12 * 1024  # without the releases: + 32 MiB
+    _, _, _, everything = TrainingFile(data.path).rows(range(len(file)))
+    assert total == pytest.approx(float(everything.sum()), rel=1e-4)  # and the rows read are the file's rows
