@@ -196,7 +196,6 @@ def test_reading_every_row_does_not_keep_the_file_in_the_workers_rss(tmp_path):
         return int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("RssFile")))
 
     file = TrainingFile(data.path)
-    file.RELEASE_BYTES = 4 << 20
     before, total = mapped_kib(), 0.0
     for start in range(0, len(file), 8):
         total += float(file.rows(range(start, min(start + 8, len(file))))[3].sum())
