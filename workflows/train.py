@@ -127,6 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from components.backbone import load_backbone
     from components.model import LLM2VecGen
+    from components.precision import restore_full_precision, training_backbone
     from components.training import (
         batch_schedule,
         centered_targets,
@@ -146,7 +147,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(training.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
-    model = LLM2VecGen.from_spec(spec, embedding_dim=config["embedding_dim"], backbone=load_backbone(spec.backbone))
+    backbone = load_backbone(training_backbone(spec.backbone, training))  # bf16: the backbone too (components/precision.py)
+    model = LLM2VecGen.from_spec(spec, embedding_dim=config["embedding_dim"], backbone=backbone)
     device = torch.device("cuda", torch.cuda.current_device()) if training.use_gpu else torch.device("cpu")
     model.to(device)
     rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda row: row["id"])
@@ -250,6 +252,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
         window, tokens, samples, window_start = {}, 0, 0, time.perf_counter()
 
+    restore_full_precision(model)  # every rank (a collective under ZeRO): refit and save the float32 masters
     if rank == 0:
         if spec.model.refit_alignment:
             # The readout that minimises the alignment loss for the features training ended with, in closed form.
