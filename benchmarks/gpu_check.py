@@ -38,11 +38,13 @@ surroundings into .gpu_check/ (ignored by git; carry it): the few data files rea
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib
 import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -65,7 +67,24 @@ RESUME_TOLERANCE = 5e-3
 DATA_FILES = ["nq_open/NQ-open.dev.jsonl", "stsbenchmark/sts-test.csv"]
 SMOLLM2_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]
 REQUIRED = ["torch", "transformers", "tokenizers", "safetensors", "numpy", "yaml", "pydantic", "pyarrow", "ray",
-            "ray.train", "ray.data", "deepspeed", "mlflow", "sqlalchemy", "mteb", "datasets"]
+            "ray.train", "ray.data", "deepspeed", "mlflow", "sqlalchemy"]
+# Only the evaluate stage needs these; mteb imports polars, whose runtime (51 MiB) does not fit a device call beside
+# Ray, so where they are missing run A leaves the evaluate stage out and says so.
+FOR_EVALUATE = ["mteb", "datasets"]
+# What a device machine's image lacks (read off /work/.library/device/KINDS.md and checked here with every other
+# module blocked: see docs/benchmarks.md), in the versions installed here. --prepare --wheels fetches them for
+# CPython 3.12 into .whl/; deepspeed has no wheel on PyPI and is built here (pure Python, no ops).
+CARRIED_WHEELS = ["ray", "deepspeed", "hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
+                  "jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "mlflow-skinny", "mlflow-tracing",
+                  "sqlalchemy", "alembic", "mako", "cryptography", "cffi", "pycparser", "opentelemetry-api",
+                  "opentelemetry-sdk", "opentelemetry-proto", "opentelemetry-semantic-conventions", "cachetools", "sqlparse",
+                  "importlib-metadata", "databricks-sdk", "fastapi", "starlette"]
+# Parts of Ray's wheel the pipeline never loads (Java, the dashboard's source maps, RLlib, Ray LLM), and its three
+# big binaries with their symbol tables stripped (they ship unstripped): 76 -> ~33 MiB.
+RAY_LEFT_OUT = ("ray/jars/", "ray/rllib/", "ray/llm/", ".js.map")
+RAY_STRIPPED = ("ray/_raylet.so", "ray/core/src/ray/gcs/gcs_server", "ray/core/src/ray/raylet/raylet")
+WHEEL_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+                   "manylinux2014_x86_64", "manylinux1_x86_64"]
 
 
 @dataclass
@@ -78,7 +97,7 @@ class Part:
     max_steps: int
     checkpoint_every: int
     fail_step: int
-    timeout_s: int  # per workflows.run call
+    timeout_s: int  # per workflows.run call on a GPU machine (16 cores); TIMEOUT_SCALE stretches it on a CPU
 
     def last_checkpoint_before_kill(self) -> int:
         # The kill comes after the step's metrics are logged and before its checkpoint is written.
@@ -95,7 +114,7 @@ def parts(data: Path, smollm2_backbone: Path, work: Path) -> dict[str, Part]:
                    "training.batch_size=4", "training.micro_batch_size=2", "training.max_steps=6",
                    "training.checkpoint_every=2", "training.log_every=1", "tracking.experiment=gpu-check-tiny",
                    *evaluation],
-        max_steps=6, checkpoint_every=2, fail_step=5, timeout_s=300,
+        max_steps=6, checkpoint_every=2, fail_step=5, timeout_s=150,
     )
     smollm2 = Part(
         name="smollm2",
@@ -107,7 +126,7 @@ def parts(data: Path, smollm2_backbone: Path, work: Path) -> dict[str, Part]:
                    "training.warmup_steps=2", "training.checkpoint_every=3", "training.log_every=1",
                    "training.max_response_tokens=16", "tracking.experiment=gpu-check-smollm2",
                    "tracking.registered_model_name=null", *evaluation],
-        max_steps=8, checkpoint_every=3, fail_step=5, timeout_s=420,
+        max_steps=8, checkpoint_every=3, fail_step=5, timeout_s=240,
     )
     return {"tiny": tiny, "smollm2": smollm2}
 
@@ -246,8 +265,11 @@ class GpuMemoryPoller:
         return None if self.peak is None or self.baseline is None else self.peak - self.baseline
 
 
+TIMEOUT_SCALE = {"gpu": 1.0, "cpu": 8.0}  # --cpu runs on small shared machines: a stuck run still ends
+
+
 def run_workflow(label: str, part: Part, overrides: list[str], stages: str, env_extra: dict[str, str],
-                 poll_gpu: bool = False) -> RunResult:
+                 poll_gpu: bool = False, timeout_scale: float = 1.0) -> RunResult:
     """`python -m workflows.run` on the part's spec; the result.json it wrote is found as the new one in its run folder."""
     run_dir = Path(next(o for o in overrides if o.startswith("output_dir=")).split("=", 1)[1])
     before = set(run_dir.glob("train/*/result.json"))
@@ -256,16 +278,19 @@ def run_workflow(label: str, part: Part, overrides: list[str], stages: str, env_
         command += ["--set", override]
     env = os.environ | env_extra | {"PYTHONUNBUFFERED": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                                      "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    print(f"-- {part.name} {label}: workflows.run --stages {stages}", flush=True)
+    log_path = run_dir.parent / f"{part.name}-{label.split()[0]}.log"  # followed live with tail -f
+    print(f"-- {part.name} {label}: workflows.run --stages {stages} (log {log_path})", flush=True)
     started = time.perf_counter()
-    with GpuMemoryPoller(poll_gpu) as poller:
+    with GpuMemoryPoller(poll_gpu) as poller, log_path.open("w") as sink:
+        # Its own process group: on a timeout the local Ray it started (raylet, GCS, workers) goes with it.
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=part.timeout_s)
-            returncode, log = done.returncode, done.stdout + done.stderr
-        except subprocess.TimeoutExpired as err:
+            returncode = process.wait(timeout=part.timeout_s * timeout_scale)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             returncode = 124
-            log = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-            log += f"\n[gpu_check] timed out after {part.timeout_s}s"
+    log = log_path.read_text(errors="replace") + (f"\n[gpu_check] timed out after {part.timeout_s * timeout_scale:.0f}s" if returncode == 124 else "")
     seconds = time.perf_counter() - started
     stage_seconds = {}
     for line in log.splitlines():
@@ -296,19 +321,22 @@ def evaluation_averages(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(reports[-1].read_text()).get("averages") if reports else None
 
 
-def check_part(part: Part, cpu: bool, cpu_precision: str, work: Path, report: Report, logs: list[str]) -> None:
+def check_part(part: Part, cpu: bool, cpu_precision: str, work: Path, report: Report, logs: list[str],
+               evaluate: bool = True) -> None:
     where = "cpu" if cpu else "gpu"
     device = device_overrides(cpu, cpu_precision)
     marker = work / f"{part.name}-killed.marker"
     marker.unlink(missing_ok=True)
+    scale = TIMEOUT_SCALE["cpu" if cpu else "gpu"]
     runs = {
         "A": run_workflow("A (all stages, worker killed once)", part, part.overrides + device,
-                          "generate,teach,train,evaluate", {"LLM2VEC_GEN_FAIL_AT_STEP": f"{part.fail_step}:{marker}"}),
+                          "generate,teach,train" + (",evaluate" if evaluate else ""),
+                          {"LLM2VEC_GEN_FAIL_AT_STEP": f"{part.fail_step}:{marker}"}, timeout_scale=scale),
     }
     runs["B"] = run_workflow("B (train, uninterrupted)", part, part.overrides + device + ["training.max_failures=0"],
-                             "train", {}, poll_gpu=not cpu)
+                             "train", {}, poll_gpu=not cpu, timeout_scale=scale)
     runs["C"] = run_workflow("C (train, CPU float32 reference)", part, part.overrides + reference_overrides(part),
-                             "train", {"CUDA_VISIBLE_DEVICES": ""})
+                             "train", {"CUDA_VISIBLE_DEVICES": ""}, timeout_scale=scale)
     for key, run in runs.items():
         logs.append(f"===== {part.name} run {key}: {run.label}, exit {run.returncode} =====\n{run.log[-20000:]}")
     a, b, c = runs["A"], runs["B"], runs["C"]
@@ -320,10 +348,12 @@ def check_part(part: Part, cpu: bool, cpu_precision: str, work: Path, report: Re
     averages = evaluation_averages(run_dir)
     model_ok = bool(a.result) and (Path(a.result["model_dir"]) / "llm2vec_gen.json").is_file()
     scores = [v for v in (averages or {}).values() if isinstance(v, (int, float))]
-    report.check(f"{prefix} pipeline", a.returncode == 0 and model_ok and bool(a.result and a.result.get("steps") == part.max_steps)
-                 and bool(scores) and all(math.isfinite(v) for v in scores),
+    evaluated = not evaluate or (bool(scores) and all(math.isfinite(v) for v in scores))
+    report.check(f"{prefix} pipeline", a.returncode == 0 and model_ok and evaluated
+                 and bool(a.result and a.result.get("steps") == part.max_steps),
                  f"run A exit {a.returncode}, steps {a.result and a.result.get('steps')}/{part.max_steps}, model "
-                 f"{'written' if model_ok else 'missing'}, evaluation averages {averages}, stages {a.stage_seconds}",
+                 f"{'written' if model_ok else 'missing'}, evaluation "
+                 f"{f'averages {averages}' if evaluate else 'left out (mteb not importable here)'}, stages {a.stage_seconds}",
                  returncode=a.returncode, stage_seconds=a.stage_seconds, averages=averages)
     report.check(f"{prefix} killed", marker.exists() and a.returncode == 0,
                  f"worker killed at step {part.fail_step} ({'marker written' if marker.exists() else 'no marker: never killed'}), "
@@ -405,17 +435,61 @@ def default_smollm2_config() -> Path:
 
 def prepare(data: Path, smollm2_config: Path) -> int:
     """Copy the data files and SmolLM2's config and tokenizer into .gpu_check/ (carried to a device machine)."""
-    for name in DATA_FILES:
-        target = PREPARED / "data" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(data / name, target)
-    (PREPARED / "smollm2-config").mkdir(parents=True, exist_ok=True)
-    for name in SMOLLM2_FILES:
-        if (smollm2_config / name).is_file():
-            shutil.copy(smollm2_config / name, PREPARED / "smollm2-config" / name)
+    copies = [(data / name, PREPARED / "data" / name) for name in DATA_FILES]
+    copies += [(smollm2_config / name, PREPARED / "smollm2-config" / name) for name in SMOLLM2_FILES
+               if (smollm2_config / name).is_file()]
+    for source, target in copies:
+        if source.resolve() != target.resolve():  # a second --prepare finds its own copies as the defaults
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+    # The tokenizer is 3.4 MiB of JSON, 0.8 gzipped: what travels to a device machine is counted to the byte.
+    tokenizer = PREPARED / "smollm2-config" / "tokenizer.json"
+    if tokenizer.is_file():
+        tokenizer.with_suffix(".json.gz").write_bytes(gzip.compress(tokenizer.read_bytes(), compresslevel=9))
+        tokenizer.unlink()
     size = sum(p.stat().st_size for p in PREPARED.rglob("*") if p.is_file())
     print(f"prepared {PREPARED} ({size / 2**20:.1f} MiB): {', '.join(DATA_FILES)} from {data}; SmolLM2 config from {smollm2_config}")
     return 0
+
+
+def prepare_wheels(target: Path) -> int:
+    """CARRIED_WHEELS for CPython 3.12 on x86-64 Linux into `target`, Ray's slimmed (see RAY_LEFT_OUT)."""
+    import importlib.metadata
+    import zipfile
+
+    target.mkdir(parents=True, exist_ok=True)
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in CARRIED_WHEELS]
+    binary = [pin for pin in pins if not pin.startswith("deepspeed==")]
+    platforms = [arg for platform in WHEEL_PLATFORMS for arg in ("--platform", platform)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+                    "3.12", "--implementation", "cp", *platforms, "-d", str(target), *binary], check=True)
+    # DeepSpeed ships only a source archive; without DS_BUILD_OPS it builds a pure-Python wheel (ops compile on use).
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(target),
+                    next(pin for pin in pins if pin.startswith("deepspeed=="))], check=True)
+    for wheel in target.glob("ray-*.whl"):
+        slim = wheel.with_suffix(".slim")
+        with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as out:
+            for item in source.infolist():
+                if not any(part in item.filename for part in RAY_LEFT_OUT):
+                    content = source.read(item.filename)
+                    if item.filename in RAY_STRIPPED and shutil.which("strip"):
+                        content = stripped(content)
+                    out.writestr(item, content, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+        slim.replace(wheel)
+    total = sum(p.stat().st_size for p in target.glob("*.whl"))
+    print(f"wheels: {len(list(target.glob('*.whl')))} in {target}, {total / 2**20:.1f} MiB")
+    return 0
+
+
+def stripped(binary: bytes) -> bytes:
+    """An ELF file without its symbol table and debug sections (`strip --strip-unneeded`: what it links by stays)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "binary"
+        path.write_bytes(binary)
+        subprocess.run(["strip", "--strip-unneeded", str(path)], check=True)
+        return path.read_bytes()
 
 
 def preflight(cpu: bool, data: Path, smollm2_config: Path, wanted: list[str]) -> tuple[bool, dict[str, Any]]:
@@ -428,7 +502,25 @@ def preflight(cpu: bool, data: Path, smollm2_config: Path, wanted: list[str]) ->
             info[name] = getattr(module, "__version__", "present")
         except Exception as err:  # a broken install is as missing as an absent one
             missing.append(f"{name} ({type(err).__name__}: {err})")
-    problems = [f"missing packages: {'; '.join(missing)}"] if missing else []
+    problems = [f"missing packages: {'; '.join(missing)} (carry wheels: python -m benchmarks.gpu_check --prepare --wheels)"] if missing else []
+    absent_for_evaluate = []
+    for name in FOR_EVALUATE:
+        try:
+            importlib.import_module(name)
+        except Exception as err:
+            absent_for_evaluate.append(f"{name} ({type(err).__name__}: {err})")
+    info["evaluate"] = not absent_for_evaluate
+    if absent_for_evaluate:
+        print(f"NOTE preflight: the evaluate stage is left out here: {'; '.join(absent_for_evaluate)}", flush=True)
+    if "transformers" in info:
+        import inspect
+
+        from transformers import LlamaModel
+
+        # components/model.py and generation.py pass the KV cache as `cache=` (transformers >= 5.2x; older: past_key_values)
+        if "cache" not in inspect.signature(LlamaModel.forward).parameters:
+            problems.append(f"transformers {info['transformers']} has no `cache=` argument in LlamaModel.forward: carry "
+                            "the transformers wheel of pyproject.toml's range")
     if "torch" in info:
         import torch
 
@@ -466,6 +558,11 @@ def random_smollm2(config: Path, target: Path) -> Path:
     if not (target / "config.json").is_file():
         from benchmarks.random_backbone import main as build
 
+        if (config / "tokenizer.json.gz").is_file() and not (config / "tokenizer.json").is_file():  # as --prepare left it
+            unpacked = target.with_name(target.name + "-config")
+            shutil.copytree(config, unpacked, dirs_exist_ok=True)
+            (unpacked / "tokenizer.json").write_bytes(gzip.decompress((config / "tokenizer.json.gz").read_bytes()))
+            config = unpacked
         if build([str(config), str(target)]) != 0:
             raise RuntimeError(f"could not build a random backbone from {config}")
     return target
@@ -482,6 +579,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-precision", choices=["bf16", "fp32"], default=None,
                         help="with --cpu (default: bf16 where DeepSpeed's CPU accelerator supports it)")
     parser.add_argument("--prepare", action="store_true", help="copy data and SmolLM2's config into .gpu_check/ and exit")
+    parser.add_argument("--wheels", action="store_true", help="with --prepare: also fetch CARRIED_WHEELS into .whl/")
     parser.add_argument("--preflight-only", action="store_true", help="print versions and check the setup, then exit")
     return parser.parse_args(argv)
 
@@ -491,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     data = (args.data or default_data()).resolve()
     smollm2_config = (args.smollm2_config or default_smollm2_config()).resolve()
     if args.prepare:
-        return prepare(data, smollm2_config)
+        return prepare(data, smollm2_config) or (prepare_wheels(ROOT / ".whl") if args.wheels else 0)
     wanted = [name.strip() for name in args.parts.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in ("tiny", "smollm2")]
     if unknown:
@@ -516,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         part = parts(data, backbone, work)[name]
         part_started = time.perf_counter()
         try:
-            check_part(part, args.cpu, cpu_precision, work, report, logs)
+            check_part(part, args.cpu, cpu_precision, work, report, logs, evaluate=info["evaluate"])
         except Exception as err:  # a check that cannot even read its inputs is a failure of that part, not a crash
             import traceback
 

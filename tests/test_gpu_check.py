@@ -29,6 +29,7 @@ def test_every_planned_run_is_a_valid_spec_with_the_settings_under_test(tmp_path
         specs = {key: load_spec(part.spec, overrides) for key, overrides in runs_of(part, cpu).items()}
         a, b, c = specs["A"].training, specs["B"].training, specs["C"].training
         assert (a.use_gpu, a.precision, a.zero_stage) == (not cpu, "bf16", 2)
+        assert b.model_copy(update={"max_failures": a.max_failures}) == a and b.max_failures == 0
         assert (c.use_gpu, c.precision, c.zero_stage) == (False, "fp32", 0)
         assert (a.max_steps, a.checkpoint_every) == (part.max_steps, part.checkpoint_every)
         # C runs the first steps of A's schedule; the kill falls between two checkpoints, after the first
