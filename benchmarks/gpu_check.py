@@ -24,7 +24,7 @@ Checks (each printed PASS/FAIL with its numbers; any FAIL makes the exit code 1)
                to the kill were run twice, and each with the same loss both times (same state, same batch)
     same end   A's losses per step and its final trained tensors equal B's (RESUME_TOLERANCE)
     precision  B's first COMPARE_STEPS losses (total, reconstruction, alignment) against C's: relative difference
-               at most BF16_TOLERANCE
+               at most BF16_TOLERANCE_FIRST at step 1 (same weights) and BF16_TOLERANCE after
 Figures: training samples/s of B against C (median over steps 2.., from the MLflow metric `samples_per_s`), the
 GPU memory peak during B (nvidia-smi, polled: the training worker is the only process on the GPU then), stage times.
 With --cpu everything runs on the CPU (gloo; bf16 where DeepSpeed's CPU accelerator supports it, else fp32):
@@ -57,9 +57,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PREPARED = ROOT / ".gpu_check"  # ignored by git; travels to a device machine through `carry`
 COMPARE_STEPS = 3
-# bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2% per value); a loss is a mean over thousands of
-# rounded products and sums through every layer, and steps 2-3 add the drift of bf16 updates: 3% relative.
-BF16_TOLERANCE = 0.03
+# bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2% per value). Step 1 runs both sides from the same
+# weights, so its losses differ by forward rounding only (0.14% on the tiny part here): 1%. Steps 2-3 add the drift
+# of two bf16 updates (1.8% for the total, 2.9% for the small alignment MSE on the tiny part with its lr 1e-2): 4%.
+BF16_TOLERANCE_FIRST = 0.01
+BF16_TOLERANCE = 0.04
 # The resumed run replays the same batches from the restored state on the same device and kernels; only
 # non-deterministic reductions (atomics in some GPU kernels) may differ, by a few bf16 roundings at most.
 RESUME_TOLERANCE = 5e-3
@@ -323,7 +325,6 @@ def evaluation_averages(run_dir: Path) -> dict[str, Any] | None:
 
 def check_part(part: Part, cpu: bool, cpu_precision: str, work: Path, report: Report, logs: list[str],
                evaluate: bool = True) -> None:
-    where = "cpu" if cpu else "gpu"
     device = device_overrides(cpu, cpu_precision)
     marker = work / f"{part.name}-killed.marker"
     marker.unlink(missing_ok=True)
@@ -339,6 +340,13 @@ def check_part(part: Part, cpu: bool, cpu_precision: str, work: Path, report: Re
                              "train", {"CUDA_VISIBLE_DEVICES": ""}, timeout_scale=scale)
     for key, run in runs.items():
         logs.append(f"===== {part.name} run {key}: {run.label}, exit {run.returncode} =====\n{run.log[-20000:]}")
+    analyse_part(part, runs, cpu, cpu_precision, marker, report, evaluate)
+
+
+def analyse_part(part: Part, runs: dict[str, RunResult], cpu: bool, cpu_precision: str, marker: Path, report: Report,
+                 evaluate: bool) -> None:
+    """The checks and figures of one part from its three runs (A, B, C)."""
+    where = "cpu" if cpu else "gpu"
     a, b, c = runs["A"], runs["B"], runs["C"]
     prefix = f"{part.name}/{where}"
     report.figures[f"{prefix}/runs"] = {key: {"returncode": r.returncode, "seconds": round(r.seconds, 1),
@@ -371,7 +379,7 @@ def check_part(part: Part, cpu: bool, cpu_precision: str, work: Path, report: Re
                  f"steps logged twice {resume['repeated']} (expected {resume['expected_repeats']}: after the checkpoint "
                  f"at {part.last_checkpoint_before_kill()} up to the kill at {part.fail_step}), lost {resume['lost']}, "
                  f"extra {resume['extra']}, repeated steps' loss rel. diff {resume['repeat_loss_rel_diff']:.2e} "
-                 f"(tolerance {RESUME_TOLERANCE:g})", **resume)
+                 f"(tolerance {RESUME_TOLERANCE:g})", **{k: v for k, v in resume.items() if k != "passed"})
     if not b.result:
         return
     losses_a, losses_b = last_per_step(history_a), last_per_step(metric_history(b.result, "loss"))
@@ -397,16 +405,18 @@ def check_part(part: Part, cpu: bool, cpu_precision: str, work: Path, report: Re
     comparison = {}
     for key in ("loss", "reconstruction_loss", "alignment_loss"):
         device_losses, reference = last_per_step(metric_history(b.result, key)), last_per_step(metric_history(c.result, key))
-        worst, missing = compare_histories(device_losses, reference, list(range(1, COMPARE_STEPS + 1)))
-        comparison[key] = {"max_rel_diff": worst, "missing": missing,
+        first, missing = compare_histories(device_losses, reference, [1])
+        worst, missing_later = compare_histories(device_losses, reference, list(range(2, COMPARE_STEPS + 1)))
+        comparison[key] = {"first_rel_diff": first, "max_rel_diff": worst, "missing": missing + missing_later,
                            "device": [device_losses.get(s) for s in range(1, COMPARE_STEPS + 1)],
                            "cpu_fp32": [reference.get(s) for s in range(1, COMPARE_STEPS + 1)]}
     precision = "bf16" if not cpu else cpu_precision
-    report.check(f"{prefix} precision", all(v["max_rel_diff"] <= BF16_TOLERANCE and not v["missing"] for v in comparison.values()),
+    report.check(f"{prefix} precision", all(v["first_rel_diff"] <= BF16_TOLERANCE_FIRST and v["max_rel_diff"] <= BF16_TOLERANCE
+                                             and not v["missing"] for v in comparison.values()),
                  f"{where} {precision} ZeRO-2 (run B) against CPU fp32 ZeRO-0 (run C), steps 1..{COMPARE_STEPS}: " + "; ".join(
                      f"{key} {', '.join(f'{d:.4f}/{r:.4f}' for d, r in zip(v['device'], v['cpu_fp32'], strict=True) if d is not None and r is not None)}"
-                     f" max rel. diff {v['max_rel_diff']:.2e}" for key, v in comparison.items()) + f" (tolerance {BF16_TOLERANCE:g})",
-                 comparison=comparison)
+                     f" rel. diff step 1 {v['first_rel_diff']:.2e}, later {v['max_rel_diff']:.2e}" for key, v in comparison.items())
+                 + f" (tolerance {BF16_TOLERANCE_FIRST:g} at step 1, {BF16_TOLERANCE:g} after)", comparison=comparison)
     samples_c = last_per_step(metric_history(c.result, "samples_per_s"))
     rate_c = statistics.median([v for s, v in samples_c.items() if s >= 2] or [math.nan])
     report.figure(f"{prefix}/samples_per_s", {"device": rate_b, "cpu_fp32": rate_c, "ratio": rate_b / rate_c},

@@ -146,3 +146,46 @@ def test_bf16_zero2_deepspeed_trains_on_cpu_close_to_fp32_and_restores_float32_m
     for ours, reference in zip(bf16["losses"], fp32["losses"], strict=True):
         assert abs(ours - reference) <= gpu_check.BF16_TOLERANCE * abs(reference), (bf16["losses"], fp32["losses"])
     assert bf16["losses"][-1] != bf16["losses"][0]  # the steps did update
+
+
+def test_analysis_reads_mlflow_and_model_folders_and_fails_when_the_resumed_end_differs(tmp_path):
+    import mlflow
+    import torch
+    from safetensors.torch import save_file
+
+    part = gpu_check.parts(tmp_path, tmp_path, tmp_path / "work")["tiny"]  # 6 steps, checkpoints every 2, kill at 5
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.create_experiment("check")
+
+    def run(steps: list[int], weights: torch.Tensor, scale: float = 1.0) -> gpu_check.RunResult:
+        run_id = client.create_run(experiment).info.run_id
+        for index, step in enumerate(steps):
+            for key in ("loss", "reconstruction_loss", "alignment_loss", "samples_per_s"):
+                client.log_metric(run_id, key, scale * (10.0 - step) if key != "samples_per_s" else 5.0, step=step,
+                                  timestamp=1000 + index)
+        folder = tmp_path / run_id
+        folder.mkdir()
+        save_file({"special_embeddings": weights}, folder / "trainable.safetensors")
+        (folder / "llm2vec_gen.json").write_text("{}")
+        result = {"model_dir": str(folder), "steps": max(steps), "mlflow_run_id": run_id, "mlflow_tracking_uri": uri}
+        return gpu_check.RunResult("x", 0, 1.0, {}, result, "")
+
+    weights = torch.ones(3, 4)
+    marker = tmp_path / "killed"
+    marker.touch()
+    runs = {"A": run([1, 2, 3, 4, 5, 5, 6], weights), "B": run([1, 2, 3, 4, 5, 6], weights),
+            "C": run([1, 2, 3], weights, scale=1.002)}
+    report = gpu_check.Report()
+    gpu_check.analyse_part(part, runs, True, "bf16", marker, report, evaluate=False)
+    assert [c["check"] for c in report.checks] == [f"tiny/cpu {name}" for name in
+                                                   ("pipeline", "killed", "resume", "same end", "precision")]
+    assert all(c["passed"] for c in report.checks), report.checks
+    assert report.figures["tiny/cpu/samples_per_s"]["ratio"] == pytest.approx(1.0)
+
+    runs["B"] = run([1, 2, 3, 4, 5, 6], weights * 1.1)  # the resumed run ended elsewhere than the uninterrupted one
+    runs["C"] = run([1, 2, 3], weights, scale=1.05)  # and the device's first loss is 5% off float32
+    report = gpu_check.Report()
+    gpu_check.analyse_part(part, runs, True, "bf16", marker, report, evaluate=False)
+    failed = {c["check"] for c in report.checks if not c["passed"]}
+    assert failed == {"tiny/cpu same end", "tiny/cpu precision"}
