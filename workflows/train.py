@@ -122,6 +122,10 @@ def _dataset(rows: list[Row]):
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    if not config["spec"]["training"]["use_gpu"]:
+        # Ray leaves a GPU visible to workers that asked for none, and DeepSpeed would pick it (and move the model
+        # there, beside a gloo process group): on a GPU machine use_gpu false must still mean the CPU.
+        os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
     import ray.train
 
