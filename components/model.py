@@ -190,7 +190,8 @@ class LLM2VecGen(nn.Module):
 
     def project(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (B, C, H) -> z (B, C, H) in input space, and the embedding e (B, D)."""
-        z = self.reconstruction(states)
+        # h comes in float32; the projections compute in their own dtype, which DeepSpeed's bf16 mode makes bfloat16.
+        z = self.reconstruction(states.to(self.reconstruction.weight.dtype))
         embedding = self.alignment(z).mean(dim=1)
         return z, embedding
 
@@ -214,7 +215,7 @@ class LLM2VecGen(nn.Module):
             self.reconstruction.weight.copy_(torch.diag(scale))
             self.reconstruction.bias.copy_(shift)
         if alignment == "ridge":
-            z_mean = self.reconstruction(states).mean(dim=1)  # (N, H): the embedding is linear in it
+            z_mean = self.reconstruction(states.to(self.reconstruction.weight.dtype)).float().mean(dim=1)  # (N, H): the embedding is linear in it
             weight, bias = ridge_readout(z_mean, targets.float().to(z_mean.device), ridge)
             self.alignment.weight.copy_(weight)
             self.alignment.bias.copy_(bias)
@@ -236,7 +237,9 @@ class LLM2VecGen(nn.Module):
 
     @staticmethod
     def alignment_loss(embedding: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-        teacher = teacher.to(embedding.dtype)
+        # In float32 whatever the embedding's dtype: bf16 targets would round every teacher value to 8 bits, and the
+        # squared error of centred targets (~1e-3 per dimension) would be summed in bf16.
+        embedding, teacher = embedding.float(), teacher.to(embedding.device, torch.float32)
         if kind == "cosine":
             return (1 - F.cosine_similarity(embedding, teacher, dim=-1)).mean()
         return F.mse_loss(embedding, teacher)

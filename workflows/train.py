@@ -141,11 +141,16 @@ def run_train(
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    if not config["spec"]["training"]["use_gpu"]:
+        # Ray leaves a GPU visible to workers that asked for none, and DeepSpeed would pick it (and move the model
+        # there, beside a gloo process group): on a GPU machine use_gpu false must still mean the CPU.
+        os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
     import ray.train
 
     from components.backbone import load_backbone
     from components.model import LLM2VecGen
+    from components.precision import restore_full_precision, training_backbone
     from components.training import (
         batch_schedule,
         decoded_samples,
@@ -164,7 +169,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
     loop_started = time.time()
-    model = LLM2VecGen.from_spec(spec, embedding_dim=config["embedding_dim"], backbone=load_backbone(spec.backbone))
+    backbone = load_backbone(training_backbone(spec.backbone, training))  # bf16: the backbone too (components/precision.py)
+    model = LLM2VecGen.from_spec(spec, embedding_dim=config["embedding_dim"], backbone=backbone)
     device = torch.device("cuda", torch.cuda.current_device()) if training.use_gpu else torch.device("cpu")
     model.to(device)
     # The training rows' token counts (the batch order is built from them); rows themselves are read per batch.
@@ -277,6 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise
 
     _write_worker_stats(output, rank, config.get("started"), loop_started, step_times)
+    restore_full_precision(model)  # every rank (a collective under ZeRO): refit and save the float32 masters
     if rank == 0:
         if spec.model.refit_alignment:
             # The readout that minimises the alignment loss for the features training ended with, in closed form.
