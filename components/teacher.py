@@ -102,7 +102,8 @@ def _ends(path: Path) -> bytes:
 
 def teacher_dimension(teacher: TeacherSpec, backbone: Backbone | BackboneSpec | None = None) -> int:
     """The size D of the teacher's vectors, known before any response is embedded (to build the model)."""
-    if teacher.kind == "backbone_mean_pool":
+    if teacher.kind == "backbone_mean_pool" or (teacher.kind == "llm2vec" and teacher.train and not teacher.name):
+        # (an LLM2Vec teacher trained from the backbone has the backbone's hidden size)
         if backbone is None:
             raise TeacherError("teacher.kind: backbone_mean_pool needs the backbone (or its spec) to know its size")
         if isinstance(backbone, Backbone):
