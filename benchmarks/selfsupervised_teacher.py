@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.evaluation.encoders import BackboneReadouts, TeacherEmbedder
     from components.evaluation.report import average, write_report
     from components.evaluation.runner import evaluate_embedders
-    from components.llm2vec import load_llm2vec, make_bidirectional
+    from components.llm2vec import make_bidirectional
     from components.spec import TeacherSpec
     from components.teacher import load_teacher
     from workflows.evaluate import go_offline, suite_tasks

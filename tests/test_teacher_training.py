@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -19,7 +18,8 @@ from workflows.teacher import TeacherTrainingError, _batch_texts, run_teacher, t
 SPEC = "specs/tiny-selfsupervised.yaml"
 
 
-def test_the_selfsupervised_chain_trains_its_own_teacher_then_the_student_against_it(ray_local, tmp_path):
+@pytest.mark.usefixtures("ray_local")
+def test_the_selfsupervised_chain_trains_its_own_teacher_then_the_student_against_it(tmp_path):
     from workflows.run import main
 
     overrides = ["--set", f"output_dir={tmp_path}", "--set", "evaluation.suite=none"]
@@ -59,7 +59,8 @@ def test_the_selfsupervised_chain_trains_its_own_teacher_then_the_student_agains
     assert (folder / "simcse" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_a_killed_worker_resumes_the_teacher_training_after_mntp(ray_local, tmp_path, monkeypatch):
+@pytest.mark.usefixtures("ray_local")
+def test_a_killed_worker_resumes_the_teacher_training_after_mntp(tmp_path, monkeypatch):
     marker = tmp_path / "killed-once"
     monkeypatch.setenv("LLM2VEC_GEN_TEACHER_FAIL_AT_STEP", f"5:{marker}")  # SimCSE's first step; checkpoint at 4
     spec = load_spec(SPEC, [f"output_dir={tmp_path}", "teacher.train.texts=[queries]", "teacher.train.num_workers=2"])
