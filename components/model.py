@@ -116,6 +116,8 @@ class LLM2VecGen(nn.Module):
     def from_spec(cls, spec: Spec, embedding_dim: int, backbone: Backbone | None = None) -> LLM2VecGen:
         backbone = backbone or load_backbone(spec.backbone)
         teacher = spec.teacher.name or f"{spec.teacher.package}/{spec.teacher.path_in_package}".rstrip("/")
+        if spec.teacher.kind == "llm2vec":  # "llm2vec:<model>,<adapter>,...": enough to load it again
+            teacher = ",".join([spec.teacher.name or "", *spec.teacher.adapters])
         config = ModelConfig(
             backbone=spec.backbone,
             backbone_fingerprint=backbone.fingerprint,

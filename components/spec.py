@@ -84,29 +84,117 @@ class BackboneSpec(Section):
         return self
 
 
+class MNTPSpec(Section):
+    """Masked next-token prediction (LLM2Vec step 2), as a LoRA adapter; defaults: the official recipes (1000 steps of
+    32 texts, lr 5e-5, 20% of the tokens masked with '_' as mask token, 80/10/10 mask/random/keep)."""
+
+    steps: int = Field(1000, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    mask_probability: float = Field(0.2, gt=0, lt=1)
+    mask_token: Literal["blank", "eos"] = "blank"  # blank: '_', as LLM2Vec does for decoders without a mask token
+    max_tokens: int = Field(512, ge=2)
+
+
+class SimCSESpec(Section):
+    """Unsupervised SimCSE (LLM2Vec step 3), a second LoRA adapter on the merged MNTP weights: a text's two dropout
+    views are positives, the batch's other texts negatives; defaults: the official recipe (1000 steps of 128 texts,
+    lr 3e-5, attention dropout 0.3, temperature 0.05 = loss scale 20, texts cut at 128 tokens)."""
+
+    steps: int = Field(1000, ge=0)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(3e-5, gt=0)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    temperature: float = Field(0.05, gt=0)
+    max_tokens: int = Field(128, ge=1)
+
+
+class TeacherTrainSpec(Section):
+    """Train an LLM2Vec teacher from the backbone itself (the `teacher` stage of workflows.run).
+
+    texts: which of the run's own texts to train on: the spec's queries and/or the generated answers; sources:
+    more unlabeled text files (same keys as data.sources); max_texts: at most this many texts, sampled with seed.
+    """
+
+    texts: list[Literal["queries", "responses"]] = Field(default_factory=lambda: ["queries", "responses"])
+    sources: list[DataSourceSpec] = Field(default_factory=list)
+    max_texts: int | None = Field(None, ge=1)
+    mntp: MNTPSpec = MNTPSpec()
+    simcse: SimCSESpec = SimCSESpec()
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    warmup_steps: int = Field(0, ge=0)  # per phase; then cosine decay to 0 at the phase's last step
+    grad_clip: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 42
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    num_workers: int = Field(1, ge=1)  # data parallel: each worker takes batch_size / num_workers texts
+    use_gpu: bool = False
+    max_failures: int = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _has_text(self) -> TeacherTrainSpec:
+        if not self.texts and not self.sources:
+            raise ValueError("no text to train on: give texts (queries, responses) or sources")
+        if self.mntp.steps + self.simcse.steps == 0:
+            raise ValueError("mntp.steps and simcse.steps are both 0: nothing to train")
+        for phase in (self.mntp, self.simcse):
+            if phase.batch_size % self.num_workers:
+                raise ValueError(f"batch sizes must be divisible by num_workers ({self.num_workers})")
+        return self
+
+
 class TeacherSpec(Section):
     """The unsupervised embedder whose vectors of the responses are the alignment targets.
 
     kind: sentence_transformers (a folder, hub id, or a package shipping one: `package` + `path_in_package`),
-    hf_mean_pool (mean pooling of any HF encoder), backbone_mean_pool (the backbone's own mean-pooled states).
+    hf_mean_pool (mean pooling of any HF encoder), backbone_mean_pool (the backbone's own mean-pooled states),
+    llm2vec (a decoder with bidirectional attention, mean pooling over the text's tokens: `name` is a hub id or
+    folder of an MNTP adapter in the published layout, of a merged model, or of a teacher trained by the `teacher`
+    stage; `adapters` are applied on top in order, e.g. ...-mntp-unsup-simcse; unnormalised by default, as
+    LLM2Vec-Gen uses it). With `train` (kind llm2vec only, no name) the `teacher` stage trains it from the backbone.
     """
 
-    kind: Literal["sentence_transformers", "hf_mean_pool", "backbone_mean_pool"]
+    kind: Literal["sentence_transformers", "hf_mean_pool", "backbone_mean_pool", "llm2vec"]
     name: str | None = None
     package: str | None = None
     path_in_package: str = ""
-    normalize: bool = True
+    adapters: list[str] = Field(default_factory=list)  # llm2vec: LoRA adapters applied after the MNTP one
+    pooling: Literal["mean"] = "mean"
+    normalize: bool = True  # llm2vec: false unless given
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # llm2vec's weights
     batch_size: int = Field(64, ge=1)
-    max_tokens: int = Field(512, ge=1)  # truncation of each response for hf_mean_pool and backbone_mean_pool
+    max_tokens: int = Field(512, ge=1)  # truncation of each response for hf_mean_pool, backbone_mean_pool, llm2vec
     # The teacher stage's Ray Data actor pool: one model load per actor.
     num_actors: int = Field(1, ge=1)
     num_cpus_per_actor: float = Field(1, gt=0)
     num_gpus_per_actor: float = Field(0, ge=0)
+    train: TeacherTrainSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _llm2vec_unnormalised(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "llm2vec" and "normalize" not in data:
+            data = {**data, "normalize": False}  # LLM2Vec-Gen regresses onto the raw mean (no normalisation)
+        return data
 
     @model_validator(mode="after")
     def _has_location(self) -> TeacherSpec:
+        if self.train is not None:
+            if self.kind != "llm2vec":
+                raise ValueError(f"train: only kind llm2vec can be trained, not '{self.kind}'")
+            if self.name is not None:
+                raise ValueError("give either name (a trained teacher) or train (train one here), not both")
+            return self
         if self.kind != "backbone_mean_pool" and self.name is None and self.package is None:
             raise ValueError(f"teacher kind '{self.kind}' needs name or package")
+        if self.adapters and self.kind != "llm2vec":
+            raise ValueError(f"adapters: only kind llm2vec takes adapters, not '{self.kind}'")
         return self
 
 

