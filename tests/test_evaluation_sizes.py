@@ -21,13 +21,12 @@ from components.evaluation.oracle import AnswerCache, OracleEmbedder  # noqa: E4
 from components.evaluation.report import markdown_table  # noqa: E402
 from components.evaluation.runner import TaskScore  # noqa: E402
 from components.evaluation.tasks import (  # noqa: E402
-    QUICK_POOL_FACTOR,
+    QUICK_TRAIN_TEXTS,
     LocalBanking77,
     LocalEmotion,
     LocalSciFact,
     LocalSICKR,
     lexical_neighbours,
-    per_label_rows,
     score_strata_rows,
     stratified_rows,
     subsample_retrieval_hard,
@@ -53,12 +52,6 @@ def test_stratified_rows_keep_every_labels_share_and_at_least_one_row_of_each():
     assert counts["a"] in (17, 18) and counts["b"] in (1, 2) and counts["c"] == 1  # c's share rounds to 0: kept once
     assert stratified_rows(labels, None, 0) == stratified_rows(labels, 500, 0) == list(range(100))
     assert stratified_rows(labels, 20, seed=0) != stratified_rows(labels, 20, seed=1)
-
-
-def test_per_label_rows_cap_each_label_and_keep_small_labels_whole():
-    labels = ["a"] * 50 + ["b"] * 3
-    rows = per_label_rows(labels, 8, seed=0)
-    assert Counter(labels[i] for i in rows) == {"a": 8, "b": 3} and rows == sorted(rows)
 
 
 def test_score_strata_rows_take_one_row_from_each_stratum_of_the_gold_score():
@@ -106,13 +99,30 @@ def test_full_size_tasks_are_the_data_mteb_evaluates_with_its_classification_pro
     assert len(split["corpus"]) == 5183 and len(split["queries"]) == 300
 
 
+def mteb_draws(task, experiments: int) -> list[list[int]]:
+    """The training rows of each classifier experiment, drawn as mteb's _evaluate_subset draws them."""
+    idxs, draws = None, []
+    for experiment in range(experiments):
+        _, idxs, selected = task._undersample_data(task.dataset["train"], experiment, idxs)
+        draws.append(selected)
+    return draws
+
+
 @needs_data
-def test_quick_classification_keeps_per_label_pools_and_label_shares_of_the_test_split():
+def test_quick_classification_runs_the_first_full_size_experiments_on_label_stratified_test_rows():
     task = LocalBanking77(DATA, limit=154)
     task.load_data()
     train, test = task.dataset["train"], task.dataset["test"]
-    assert set(Counter(train["label"]).values()) == {QUICK_POOL_FACTOR * task.samples_per_label}
-    assert len(test) == 154 and set(Counter(test["label"]).values()) <= {1, 2, 3} and len(set(test["label"])) == 77
+    assert len(train) == 10003  # mteb draws each experiment's rows from the whole train split, as at full size
+    assert task.n_experiments == QUICK_TRAIN_TEXTS // (8 * 77) == 2
+    assert len(test) == 154 and set(Counter(test["label"]).values()) == {2} and len(set(test["label"])) == 77
+    full = LocalBanking77(DATA)
+    full.load_data()
+    # the quick run's experiments are the full-size run's first ones (drawn as mteb draws them): the same rows
+    assert mteb_draws(task, task.n_experiments) == mteb_draws(full, full.n_experiments)[: task.n_experiments]
+    emotion = LocalEmotion(DATA, limit=100)
+    emotion.load_data()
+    assert emotion.n_experiments == 10  # 6 labels x 16: every experiment fits under the cap
 
 
 # --------------------------------------------------------------------------------------------------- reports
