@@ -293,7 +293,7 @@ class EvaluationSpec(Section):
     distractors_per_query: int = Field(2, ge=0)
     # Under `limit`, a retrieval corpus also keeps each kept query's closest documents by TF-IDF (not relevant to
     # it): the documents that compete for its top ranks in the whole corpus, so that the score is not inflated.
-    hard_negatives_per_query: int = Field(20, ge=0)
+    hard_negatives_per_query: int = Field(10, ge=0)
     seed: int = 42  # subsampling, and mteb's own classifier and clustering experiments
     oracle: bool | None = None  # the response-oracle baseline (see above); None: when `baselines` is on
     # Where the oracle's answers are cached, by content (like the generate stage); unset: <run_dir>/oracle in

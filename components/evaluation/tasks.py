@@ -266,7 +266,7 @@ class LocalTask:
     """Mixed in before an mteb task class: `load_data` builds `self.dataset` from files under data_dir."""
 
     def __init__(self, data_dir: str | Path, limit: int | None = None, distractors_per_query: int = 2, seed: int = 42,
-                 hard_negatives_per_query: int = 20):
+                 hard_negatives_per_query: int = 10):
         super().__init__(seed=seed)  # mteb seeds its own experiments (classifiers, clustering) with it
         self.data_dir = Path(data_dir)
         self.limit = limit
