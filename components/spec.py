@@ -373,7 +373,12 @@ class EvaluationSpec(Section):
 
     suite: local (mteb tasks read from files under data_dir, plus AdvBench-IR safety retrieval), mteb-lite (public
     MTEB tasks, online only) or none; `tasks`, when given, replaces the suite (local or MTEB task names, or suites).
-    limit: at most about this many items per task (rows, queries or candidate pairs), sampled with `seed`.
+    limit: unset = full size (each local task as MTEB evaluates the same data); N = the quick mode: about N
+    evaluation items per task (pairs, test rows, queries, candidate pairs), sampled with `seed` so that the score
+    keeps its meaning (components/evaluation/tasks.py says how, per task type). Every report says which it was.
+    oracle: the response-oracle baseline: the backbone's greedy answer to every evaluation text (the model's
+    prompts, the spec's generation settings), embedded by the teacher; the ceiling that distilling the teacher's
+    embedding of the answers can reach. Unset: with the baselines.
     """
 
     suite: Literal["local", "mteb-lite", "none"] = "local"
@@ -384,7 +389,25 @@ class EvaluationSpec(Section):
     batch_size: int = Field(32, ge=1)
     # Under `limit`, a retrieval corpus keeps the relevant documents of the kept queries plus this many others per query.
     distractors_per_query: int = Field(2, ge=0)
+    # Under `limit`, a retrieval corpus also keeps each kept query's closest documents by TF-IDF (not relevant to
+    # it): the documents that compete for its top ranks in the whole corpus, so that the score is not inflated.
+    hard_negatives_per_query: int = Field(10, ge=0)
     seed: int = 42  # subsampling, and mteb's own classifier and clustering experiments
+    oracle: bool | None = None  # the response-oracle baseline (see above); None: when `baselines` is on
+    # Where the oracle's answers are cached, by content (like the generate stage); unset: <run_dir>/oracle in
+    # workflows.run, runs/oracle from workflows.evaluate.
+    oracle_dir: str | None = None
+    # The check stage: the oracle against the teacher on this many pairs of each of STS-B and SICK-R.
+    check_pairs: int = Field(100, ge=0)
+
+    @property
+    def with_oracle(self) -> bool:
+        return self.baselines if self.oracle is None else self.oracle
+
+    @property
+    def size_label(self) -> str:
+        """How the scores were measured: full size (comparable with MTEB) or the quick mode."""
+        return "full size" if self.limit is None else f"quick mode (limit {self.limit})"
 
 
 class ServingSpec(Section):

@@ -47,7 +47,7 @@ from components.evaluation.tasks import (  # noqa: E402
     whole_groups_up_to,
 )
 from components.model import LLM2VecGen  # noqa: E402
-from components.spec import EvaluationSpec, load_spec  # noqa: E402
+from components.spec import EvaluationSpec, GenerationSpec, load_spec  # noqa: E402
 from workflows import evaluate as evaluate_workflow  # noqa: E402
 from workflows import inspect as inspect_workflow  # noqa: E402
 
@@ -245,10 +245,12 @@ def test_cli_runs_the_local_suite_with_limit_and_writes_json_markdown_and_chart(
 
 @needs_data
 def test_baselines_run_side_by_side_and_scores_reach_mlflow(tiny_folder, tmp_path):
-    evaluation = EvaluationSpec(tasks=["LocalSTSBenchmark", "AdvBenchIR"], limit=8, baselines=True)
+    evaluation = EvaluationSpec(tasks=["LocalSTSBenchmark", "AdvBenchIR"], limit=8, baselines=True,
+                                oracle_dir=str(tmp_path / "oracle"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    report = evaluate_workflow.run_evaluation(tiny_folder, evaluation, tmp_path / "report", tracking_uri=uri)
-    assert list(report["models"]) == ["llm2vec-gen", "teacher", "mean-pool", "last-token"]
+    report = evaluate_workflow.run_evaluation(tiny_folder, evaluation, tmp_path / "report", tracking_uri=uri,
+                                              generation=GenerationSpec(max_new_tokens=4))
+    assert list(report["models"]) == ["llm2vec-gen", "teacher", "mean-pool", "last-token", "oracle"]
     assert all(set(scores) == {"LocalSTSBenchmark", "AdvBenchIR"} for scores in report["models"].values())
 
     import mlflow

@@ -1,13 +1,18 @@
 """Evaluate an LLM2Vec-Gen model with mteb, optionally against its teacher and its backbone's own readouts.
 
-    python -m workflows.evaluate MODEL [--suite local|mteb-lite|TASK,...] [--baselines] [--limit N] [--output DIR]
-                                       [--spec SPEC] [--teacher TEACHER] [--data-dir DIR] [--batch-size B]
-                                       [--distractors-per-query K] [--tracking-uri URI [--run-id ID]]
+    python -m workflows.evaluate MODEL [--suite local|mteb-lite|TASK,...] [--baselines] [--oracle] [--limit N]
+                                       [--output DIR] [--spec SPEC] [--teacher TEACHER] [--data-dir DIR]
+                                       [--batch-size B] [--distractors-per-query K] [--hard-negatives-per-query K]
+                                       [--oracle-dir DIR] [--tracking-uri URI [--run-id ID]]
 
 MODEL is a model folder or an MLflow URI (models:/name/version, runs:/id/model_folder). The local suite reads every
 dataset from --data-dir (default ../shared/data) and runs offline; mteb-lite downloads public MTEB tasks. With
 --baselines the same tasks also run on the teacher the model was aligned to (model.config.teacher, or the spec's,
-or --teacher) and on the backbone's input-centric embeddings (mean pooling, last token). Writes results.json,
+or --teacher), on the backbone's input-centric embeddings (mean pooling, last token) and, as the response oracle
+(also alone with --oracle), on the teacher's embedding of the backbone's greedy answer to each text
+(components/evaluation/oracle.py; answers cached by content in --oracle-dir, default the spec's
+evaluation.oracle_dir, else runs/oracle). Without --limit every local task runs at full size, as MTEB runs the
+same data; --limit N is the quick mode (tasks.py says how each task is sampled). Writes results.json,
 results.md and scores.png into --output (default runs/evaluation/<model reference>), and logs the scores to MLflow
 when a tracking URI is given. The evaluate stage of workflows.run calls the same `run_evaluation`.
 
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from components.evaluation.suites import SUITES, expand_suite, is_offline
-from components.spec import EvaluationSpec, Spec, SpecError, TeacherSpec, load_spec
+from components.spec import EvaluationSpec, GenerationSpec, Spec, SpecError, TeacherSpec, load_spec
 
 log = logging.getLogger("workflows.evaluate")
 
@@ -53,9 +58,13 @@ def run_evaluation(
     teacher: TeacherSpec | None = None,
     tracking_uri: str | None = None,
     run_id: str | None = None,
+    generation: GenerationSpec | None = None,
+    oracle_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the model (and, with evaluation.baselines, its teacher and backbone readouts) on the spec's tasks;
-    write the report into `output`. Returns the report's JSON content plus the paths written."""
+    """Evaluate the model (and, with evaluation.baselines, its teacher and backbone readouts; with the oracle, the
+    teacher on the backbone's answers, generated with `generation`, default GenerationSpec(), and cached in
+    `oracle_dir`, default evaluation.oracle_dir or runs/oracle) on the spec's tasks; write the report into `output`.
+    Returns the report's JSON content plus the paths written."""
     task_names = suite_tasks(evaluation)
     if not task_names:
         raise ValueError("no tasks to run: the suite is 'none' and evaluation.tasks is empty")
@@ -74,15 +83,29 @@ def run_evaluation(
     model = LLM2VecGen.load(folder)
     embedders: dict[str, Any] = {"llm2vec-gen": GenEmbedder(model)}
     descriptions = {"llm2vec-gen": f"LLM2Vec-Gen model {folder} (prompts from its folder: {sorted(model.config.prompts)})"}
-    if evaluation.baselines:
+    loaded_teacher = None
+    if evaluation.baselines or evaluation.with_oracle:
         teacher = teacher or teacher_from_config(model.config.teacher)
-        embedders["teacher"] = TeacherEmbedder(load_teacher(teacher, model.config.backbone))
+        loaded_teacher = load_teacher(teacher, model.config.backbone)
+        where = teacher.name or f"{teacher.package}/{teacher.path_in_package}"
+    if evaluation.baselines:
+        embedders["teacher"] = TeacherEmbedder(loaded_teacher)
         readouts = BackboneReadouts(model.backbone_info, max_tokens=model.config.max_query_tokens)
         embedders["mean-pool"], embedders["last-token"] = readouts.embedder("mean"), readouts.embedder("last")
-        where = teacher.name or f"{teacher.package}/{teacher.path_in_package}"
         descriptions["teacher"] = f"the teacher, {teacher.kind} {where if teacher.kind != 'backbone_mean_pool' else ''}".rstrip()
         descriptions["mean-pool"] = "the backbone's last hidden states, masked mean over the bare text's tokens"
         descriptions["last-token"] = "the backbone's last hidden state at the bare text's last token"
+    if evaluation.with_oracle:
+        from components.evaluation.oracle import AnswerCache, OracleEmbedder
+
+        greedy_settings = (generation or GenerationSpec()).model_copy(update={"do_sample": False})
+        cache = AnswerCache(oracle_dir or evaluation.oracle_dir or "runs/oracle", model.config.backbone, greedy_settings)
+        embedders["oracle"] = OracleEmbedder(cache, loaded_teacher, model.config.prompts)
+        descriptions["oracle"] = (
+            f"the response oracle: the teacher ({teacher.kind} {where if teacher.kind != 'backbone_mean_pool' else ''}"
+            f") on the backbone's greedy answer (at most {greedy_settings.max_new_tokens} new tokens) to each text, "
+            "asked with the model's prompts; the ceiling of distilling that teacher"
+        )
     log.info("loaded %d model(s) in %.1fs", len(embedders), time.perf_counter() - started)
 
     info = {
@@ -91,6 +114,7 @@ def run_evaluation(
         "tasks": task_names,
         "suite": ",".join(evaluation.tasks) if evaluation.tasks else evaluation.suite,
         "limit": evaluation.limit,
+        "size": evaluation.size_label,
         "data_dir": evaluation.data_dir,
         "evaluation": evaluation.model_dump(mode="json"),
     }
@@ -100,6 +124,9 @@ def run_evaluation(
         embedders, task_names, evaluation,
         after_each=lambda done, took: paths.update(write_report(done, took, info, output, descriptions)),
     )
+    if "oracle" in embedders:
+        info["oracle_answers_generated"] = embedders["oracle"].cache.generated  # 0 when every answer was cached
+        paths.update(write_report(results, seconds, info, output, descriptions))
     if tracking_uri:
         run_id = log_to_mlflow(results, paths, tracking_uri, run_id, run_name=f"evaluate {folder.name}")
         log.info("scores logged to MLflow run %s at %s", run_id, tracking_uri)
@@ -116,7 +143,8 @@ def stage_evaluate(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
         log.info("evaluation.suite is 'none' and evaluation.tasks is empty: nothing to evaluate")
         return {}
     # One report per (trained model, evaluation settings): a rerun of the same spec reuses it.
-    output = spec.run_dir / "evaluation" / f"{Path(train['model_dir']).parent.name}-{spec.fingerprint('evaluation', 'teacher')}"
+    sections = ("evaluation", "teacher", "generation") if spec.evaluation.with_oracle else ("evaluation", "teacher")
+    output = spec.run_dir / "evaluation" / f"{Path(train['model_dir']).parent.name}-{spec.fingerprint(*sections)}"
     markdown = output / "results.md"
     if (output / "results.json").is_file() and markdown.is_file():
         log.info("evaluate: %s exists, skipping", output)
@@ -129,6 +157,8 @@ def stage_evaluate(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
         teacher=spec.teacher,
         tracking_uri=train.get("mlflow_tracking_uri") if tracking else None,
         run_id=train.get("mlflow_run_id") if tracking else None,
+        generation=spec.generation,
+        oracle_dir=spec.evaluation.oracle_dir or spec.run_dir / "oracle",
     )
     return {"report": str(report["paths"]["markdown"]), "averages": report["averages"]}
 
@@ -142,14 +172,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("model", help="a model folder or models:/<name>/<version>")
     parser.add_argument("--suite", help=f"{' | '.join(SUITES)} | comma-separated task names (default: the spec's, else local)")
     parser.add_argument("--baselines", action="store_true", default=None, help="also the teacher, mean pooling and last token")
-    parser.add_argument("--limit", type=int, help="at most about N items per task (rows, queries or candidate pairs)")
+    parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=None,
+                        help="the response oracle: the teacher on the backbone's greedy answers (default: with --baselines)")
+    parser.add_argument("--limit", type=int, help="the quick mode: about N evaluation items per task (pairs, test rows, "
+                                                  "queries or candidate pairs); without it every task runs at full size")
     parser.add_argument("--output", type=Path, help="report folder (default runs/evaluation/<the model reference as a name>)")
     parser.add_argument("--spec", help="a spec whose evaluation section (and teacher) are the defaults")
     parser.add_argument("--teacher", help="the teacher for --baselines: backbone_mean_pool, sentence_transformers:<location>, "
                                           "hf_mean_pool:<location> (default: the spec's, else the one saved with the model)")
     parser.add_argument("--data-dir", help="where the local datasets are (default ../shared/data)")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--distractors-per-query", type=int, help="under --limit, other documents kept per retrieval query")
+    parser.add_argument("--distractors-per-query", type=int, help="under --limit, random other documents kept per retrieval query")
+    parser.add_argument("--hard-negatives-per-query", type=int,
+                        help="under --limit, a retrieval query's closest documents by TF-IDF kept in the corpus")
+    parser.add_argument("--oracle-dir", help="where the oracle's answers are cached (default: the spec's, else runs/oracle)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help="log scores to MLflow here")
     parser.add_argument("--run-id", help="the MLflow run to log into (default: a new run)")
     return parser.parse_args(argv)
@@ -159,7 +195,9 @@ def evaluation_from_args(args: argparse.Namespace, spec: Spec | None) -> Evaluat
     """The spec's evaluation section (or the defaults), with the command line's options on top."""
     evaluation = spec.evaluation if spec else EvaluationSpec()
     updates: dict[str, Any] = {"limit": args.limit, "data_dir": args.data_dir, "batch_size": args.batch_size,
-                               "baselines": args.baselines, "distractors_per_query": args.distractors_per_query}
+                               "baselines": args.baselines, "distractors_per_query": args.distractors_per_query,
+                               "hard_negatives_per_query": args.hard_negatives_per_query, "oracle": args.oracle,
+                               "oracle_dir": args.oracle_dir}
     if args.suite:
         updates.update({"suite": args.suite, "tasks": []} if args.suite in SUITES else {"tasks": expand_suite(args.suite)})
     return EvaluationSpec.model_validate({**evaluation.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
@@ -199,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher = teacher_from_config(args.teacher) if args.teacher else (spec.teacher if spec else None)
     output = args.output or Path("runs/evaluation") / default_report_name(str(args.model))
     started = time.perf_counter()
-    report = run_evaluation(args.model, evaluation, output, teacher=teacher, tracking_uri=args.tracking_uri, run_id=args.run_id)
+    report = run_evaluation(args.model, evaluation, output, teacher=teacher, tracking_uri=args.tracking_uri, run_id=args.run_id,
+                            generation=spec.generation if spec else None)
     print(Path(report["paths"]["markdown"]).read_text())
     print(f"report: {output} ({time.perf_counter() - started:.0f}s)")
     return 0

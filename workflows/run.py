@@ -48,7 +48,21 @@ def stage_check(spec: Spec, _results: dict[str, Any]) -> dict[str, Any]:
           f"{sum(p.numel() for p in model.trainable_parameters()):,} trainable parameters")
     for text, vector, words in zip(texts, embeddings, decoded, strict=True):
         print(f"  {text!r}: |e|={float((vector**2).sum()) ** 0.5:.3f} e[:3]={vector[:3].round(3).tolist()} decodes to {words!r}")
-    return {"backbone_load_s": load_seconds, "embedding_dim": model.config.embedding_dim}
+    return {"backbone_load_s": load_seconds, "embedding_dim": model.config.embedding_dim, "oracle": check_oracle(spec)}
+
+
+def check_oracle(spec: Spec) -> dict[str, Any] | None:
+    """Can this backbone and teacher pay? The response oracle against the teacher on a small sample (issue 18)."""
+    data = Path(spec.evaluation.data_dir)
+    if not spec.evaluation.check_pairs or not (data / "stsbenchmark").is_dir():
+        print(f"response oracle: skipped ({'evaluation.check_pairs is 0' if data.is_dir() else f'no data in {data}'})")
+        return None
+    from workflows.evaluate import go_offline
+
+    go_offline()
+    from components.evaluation.oracle import check_oracle as run_check
+
+    return run_check(spec)
 
 
 def stage_generate(spec: Spec, _results: dict[str, Any]) -> dict[str, Any]:

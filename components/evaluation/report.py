@@ -36,12 +36,13 @@ def average(scores: dict[str, TaskScore]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def markdown_table(results: Results, descriptions: dict[str, str] | None = None) -> str:
-    """Tasks as rows, models as columns; the best score of each row in bold (the lowest where lower is better)."""
+def markdown_table(results: Results, descriptions: dict[str, str] | None = None, size: str | None = None) -> str:
+    """Tasks as rows, models as columns; the best score of each row in bold (the lowest where lower is better).
+    `size` (full size or the quick mode) heads the task column, so that no copy of the table loses it."""
     labels = list(results)
     tasks = list(dict.fromkeys(task for scores in results.values() for task in scores))
     lines = [
-        "| task | type | metric | " + " | ".join(labels) + " |",
+        f"| task{f' ({size})' if size else ''} | type | metric | " + " | ".join(labels) + " |",
         "|---|---|---|" + "---:|" * len(labels),
     ]
     for task in tasks:
@@ -121,9 +122,9 @@ def write_report(results: Results, seconds: dict[str, float], info: dict[str, An
     paths = {"json": output / "results.json", "markdown": output / "results.md", "chart": output / "scores.png"}
     paths["json"].write_text(json.dumps(report_dict(results, seconds, {**info, "descriptions": descriptions or {}}), indent=2))
     header = f"# Evaluation of {info.get('model', 'a model')}\n\n"
-    details = ", ".join(f"{key}: {info[key]}" for key in ("suite", "limit", "data_dir") if key in info)
+    details = ", ".join(f"{key}: {info[key]}" for key in ("size", "suite", "limit", "data_dir") if key in info)
     timing = ", ".join(f"{label} {value:.0f}s" for label, value in seconds.items())
-    paths["markdown"].write_text(header + (f"{details}\n\n" if details else "") + markdown_table(results, descriptions)
+    paths["markdown"].write_text(header + (f"{details}\n\n" if details else "") + markdown_table(results, descriptions, info.get("size"))
                                  + f"\nTime per model: {timing}.\n")
     bar_chart(results, paths["chart"], title=str(info.get("model", "")))
     return paths

@@ -61,7 +61,8 @@ def build_tasks(names: list[str], evaluation: EvaluationSpec) -> list[AbsTask]:
         if name in LOCAL_TASK_CLASSES:
             tasks.append(
                 LOCAL_TASK_CLASSES[name](
-                    evaluation.data_dir, evaluation.limit, evaluation.distractors_per_query, evaluation.seed
+                    evaluation.data_dir, evaluation.limit, evaluation.distractors_per_query, evaluation.seed,
+                    hard_negatives_per_query=evaluation.hard_negatives_per_query,
                 )
             )
         else:

@@ -1,13 +1,28 @@
 """Local mteb tasks: MTEB-style datasets read from files under evaluation.data_dir, never from the hub.
 
 Each task is an mteb task class (AbsTaskSTS, AbsTaskClassification, ...) whose `load_data` reads local files, so
-mteb's own evaluators compute every score. `limit` caps what each task encodes at about N items, sampled
-deterministically with `seed`:
+mteb's own evaluators compute every score, with MTEB's protocol for each task:
 
-    STS, pair classification   N pairs
-    classification             N training rows (the classifier's pool) and N test rows
-    clustering                 N texts (without a limit, 2,048, as MTEB's fast clustering tasks do)
-    retrieval                  N queries; the corpus keeps their relevant documents plus distractors_per_query * N others
+    full size (no limit)       what MTEB's task of the same data evaluates: STS-B test (1,379 pairs); SICK-R all
+                               9,927 pairs (MTEB's SICK-R "test" split is the whole of SICK); Banking77 and Emotion
+                               test splits, classifiers trained by mteb (10 experiments of `samples_per_label` rows
+                               per label drawn from the train split: 8, and 16 for Emotion, as MTEB's tasks set);
+                               SciFact over its whole corpus; MRPC and TREC-QA test splits; StackOverflow: 2,048 of
+                               its 20,000 titles (no MTEB task has this data)
+
+`limit` N is the quick mode. It caps cost without changing what the score measures, by sampling (deterministically,
+with `seed`) so that the sample keeps the full task's distribution:
+
+    STS                        N pairs, one from each of N strata of the gold score (so the score range is kept)
+    pair classification        N pairs, labels in their full-size proportions
+    classification             N test rows, labels in their full-size proportions; the classifiers are the first
+                               of mteb's 10 experiments, trained on exactly the rows the full-size run trains them on
+                               (as many experiments as keep the training texts under QUICK_TRAIN_TEXTS)
+    clustering                 N texts, labels in their full-size proportions
+    retrieval                  N queries; the corpus keeps their relevant documents, the hard_negatives_per_query
+                               documents closest to each kept query by TF-IDF (lexical, the same for every model: the
+                               documents that compete for the top ranks at full size) and distractors_per_query * N
+                               random others; the corpus size is in the report (task scores `corpus_size`)
     reranking                  whole queries, while their candidate pairs add up to at most N (at least one query)
 
 The readers are small functions returning plain rows, so that the file formats are testable without mteb.
@@ -54,6 +69,83 @@ def subsample_retrieval(
         return list(query_ids), list(corpus_ids)
     queries = [query_ids[i] for i in sample_rows(len(query_ids), limit, seed)]
     needed = {doc for query in queries for doc in relevant.get(query, {})}
+    others = [doc for doc in corpus_ids if doc not in needed]
+    extra = {others[i] for i in sample_rows(len(others), distractors_per_query * len(queries), seed)}
+    return queries, [doc for doc in corpus_ids if doc in needed or doc in extra]
+
+
+def stratified_rows(labels: Sequence[Any], limit: int | None, seed: int) -> list[int]:
+    """Indices of about `limit` rows with every label in its share of the whole (largest remainders, at least one
+    row of each label while the limit allows), in their original order; all rows without a limit."""
+    if limit is None or limit >= len(labels):
+        return list(range(len(labels)))
+    groups: dict[Any, list[int]] = {}
+    for index, label in enumerate(labels):
+        groups.setdefault(label, []).append(index)
+    exact = {label: limit * len(rows) / len(labels) for label, rows in groups.items()}
+    quota = {label: int(share) for label, share in exact.items()}
+    if limit >= len(groups):
+        quota = {label: max(1, count) for label, count in quota.items()}
+    by_remainder = sorted(groups, key=lambda label: (quota[label] - exact[label], str(label)))
+    for label in by_remainder[: max(0, limit - sum(quota.values()))]:
+        quota[label] += 1
+    rng = np.random.default_rng(seed)
+    kept = []
+    for label, rows in groups.items():
+        kept += rng.choice(rows, size=min(len(rows), quota[label]), replace=False).tolist()
+    return sorted(kept)
+
+
+def score_strata_rows(scores: Sequence[float], limit: int | None, seed: int) -> list[int]:
+    """Indices of `limit` rows: the rows sorted by score cut into `limit` equal strata, one random row from each
+    (so a sample of an STS set keeps its spread of gold scores), in their original order."""
+    if limit is None or limit >= len(scores):
+        return list(range(len(scores)))
+    order = np.argsort(np.asarray(scores, dtype=float), kind="stable")
+    bounds = np.linspace(0, len(scores), limit + 1).astype(int)
+    rng = np.random.default_rng(seed)
+    return sorted(int(order[rng.integers(low, high)]) for low, high in zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def lexical_neighbours(queries: Sequence[str], documents: Sequence[str], k: int) -> list[list[int]]:
+    """For each query, the indices of the k documents most similar to it by TF-IDF cosine (words, sublinear tf,
+    English stop words dropped): a model-independent stand-in for the documents that compete for its top ranks."""
+    if k <= 0 or not documents:
+        return [[] for _ in queries]
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english")
+    doc_matrix = vectorizer.fit_transform(documents)
+    similarity = (vectorizer.transform(queries) @ doc_matrix.T).toarray()  # (Q, D), rows L2-normalised: cosine
+    k = min(k, len(documents))
+    top = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    return [sorted(row.tolist(), key=lambda doc, q=q: (-similarity[q, doc], doc)) for q, row in enumerate(top)]
+
+
+def subsample_retrieval_hard(
+    query_ids: Sequence[str],
+    query_texts: Sequence[str],
+    relevant: dict[str, dict[str, int]],
+    corpus_ids: Sequence[str],
+    corpus_texts: Sequence[str],
+    limit: int | None,
+    hard_negatives_per_query: int,
+    distractors_per_query: int,
+    seed: int,
+) -> tuple[list[str], list[str]]:
+    """(kept query ids, kept corpus ids) of the quick mode: `limit` queries, their relevant documents, each kept
+    query's hard_negatives_per_query lexical neighbours that are not relevant to it, and
+    distractors_per_query * len(kept queries) random other documents. Everything without a limit."""
+    if limit is None:
+        return list(query_ids), list(corpus_ids)
+    kept = sample_rows(len(query_ids), limit, seed)
+    queries = [query_ids[i] for i in kept]
+    needed = {doc for query in queries for doc in relevant.get(query, {})}
+    neighbours = lexical_neighbours([query_texts[i] for i in kept], corpus_texts,
+                                    hard_negatives_per_query + max((len(relevant.get(q, {})) for q in queries), default=0))
+    for query, row in zip(queries, neighbours, strict=True):
+        negatives = [corpus_ids[doc] for doc in row if corpus_ids[doc] not in relevant.get(query, {})]
+        needed |= set(negatives[:hard_negatives_per_query])
     others = [doc for doc in corpus_ids if doc not in needed]
     extra = {others[i] for i in sample_rows(len(others), distractors_per_query * len(queries), seed)}
     return queries, [doc for doc in corpus_ids if doc in needed or doc in extra]
@@ -173,11 +265,13 @@ def local_metadata(name: str, task_type: str, main_score: str, description: str,
 class LocalTask:
     """Mixed in before an mteb task class: `load_data` builds `self.dataset` from files under data_dir."""
 
-    def __init__(self, data_dir: str | Path, limit: int | None = None, distractors_per_query: int = 2, seed: int = 42):
+    def __init__(self, data_dir: str | Path, limit: int | None = None, distractors_per_query: int = 2, seed: int = 42,
+                 hard_negatives_per_query: int = 10):
         super().__init__(seed=seed)  # mteb seeds its own experiments (classifiers, clustering) with it
         self.data_dir = Path(data_dir)
         self.limit = limit
         self.distractors_per_query = distractors_per_query
+        self.hard_negatives_per_query = hard_negatives_per_query
         self.sample_seed = seed
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
@@ -197,31 +291,66 @@ class LocalSTSBenchmark(LocalTask, AbsTaskSTS):
     metadata = local_metadata("LocalSTSBenchmark", "STS", "cosine_spearman", "STS-B test pairs, scores 0-5.", "stsbenchmark/sts-test.csv")
 
     def read(self) -> DatasetDict:
-        return DatasetDict({"test": Dataset.from_list(self.sample(read_sts_benchmark(self.data_dir / "stsbenchmark" / "sts-test.csv")))})
+        rows = read_sts_benchmark(self.data_dir / "stsbenchmark" / "sts-test.csv")
+        kept = score_strata_rows([row["score"] for row in rows], self.limit, self.sample_seed)
+        return DatasetDict({"test": Dataset.from_list([rows[i] for i in kept])})
+
+
+SICK_FILES = ("SICK_train.txt", "SICK_trial.txt", "SICK_test_annotated.txt")
 
 
 class LocalSICKR(LocalTask, AbsTaskSTS):
+    """MTEB's SICK-R evaluates all of SICK (train + trial + test, 9,927 pairs) as its test split; so does this task."""
+
     min_score, max_score = 1, 5
-    metadata = local_metadata("LocalSICK-R", "STS", "cosine_spearman", "SICK test pairs, relatedness 1-5.", "sick/SICK_test_annotated.txt")
+    metadata = local_metadata("LocalSICK-R", "STS", "cosine_spearman", "SICK, all 9,927 pairs, relatedness 1-5.", "sick")
 
     def read(self) -> DatasetDict:
-        return DatasetDict({"test": Dataset.from_list(self.sample(read_sick(self.data_dir / "sick" / "SICK_test_annotated.txt")))})
+        rows = [row for name in SICK_FILES for row in read_sick(self.data_dir / "sick" / name)]
+        kept = score_strata_rows([row["score"] for row in rows], self.limit, self.sample_seed)
+        return DatasetDict({"test": Dataset.from_list([rows[i] for i in kept])})
 
 
-class LocalBanking77(LocalTask, AbsTaskClassification):
+# Under a limit, mteb runs only as many of its classifier experiments as keep the training texts it encodes under
+# this many: each experiment draws samples_per_label rows per label from the WHOLE train split, so the experiments
+# that run are exactly the first ones of the full-size run (the same rows, the same classifiers); only the test split
+# is sampled. Banking77 (77 labels x 8) runs 2 of its 10 experiments, Emotion (6 x 16) all 10.
+QUICK_TRAIN_TEXTS = 1500
+
+
+def quick_experiments(samples_per_label: int, num_labels: int, n_experiments: int) -> int:
+    """How many of mteb's classifier experiments the quick mode runs (at least one)."""
+    return max(1, min(n_experiments, QUICK_TRAIN_TEXTS // max(1, samples_per_label * num_labels)))
+
+
+class LocalClassification(LocalTask, AbsTaskClassification):
+    """A train and a test split read by `rows(split)`; under a limit, label-stratified test rows and the first
+    quick_experiments(...) of mteb's experiments."""
+
+    def rows(self, split: str) -> list[dict[str, str]]:
+        raise NotImplementedError
+
+    def read(self) -> DatasetDict:
+        train, test = self.rows("train"), self.rows("test")
+        if self.limit is not None:
+            self.n_experiments = quick_experiments(self.samples_per_label, len({r["label"] for r in train}), self.n_experiments)
+            test = [test[i] for i in stratified_rows([r["label"] for r in test], self.limit, self.sample_seed)]
+        return DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)})
+
+
+class LocalBanking77(LocalClassification):
     metadata = local_metadata("LocalBanking77", "Classification", "accuracy", "Banking77: 77 intents of banking queries.", "banking77")
 
-    def read(self) -> DatasetDict:
-        folder = self.data_dir / "banking77"
-        return DatasetDict({split: Dataset.from_list(self.sample(read_banking77(folder / f"{split}.csv"))) for split in ("train", "test")})
+    def rows(self, split: str) -> list[dict[str, str]]:
+        return read_banking77(self.data_dir / "banking77" / f"{split}.csv")
 
 
-class LocalEmotion(LocalTask, AbsTaskClassification):
+class LocalEmotion(LocalClassification):
     metadata = local_metadata("LocalEmotion", "Classification", "accuracy", "Emotion (CARER): tweets, 6 emotions.", "emotion")
+    samples_per_label = 16  # as MTEB's EmotionClassification
 
-    def read(self) -> DatasetDict:
-        folder = self.data_dir / "emotion"
-        return DatasetDict({split: Dataset.from_list(self.sample(read_emotion(folder / f"{split}.txt"))) for split in ("train", "test")})
+    def rows(self, split: str) -> list[dict[str, str]]:
+        return read_emotion(self.data_dir / "emotion" / f"{split}.txt")
 
 
 class LocalStackOverflowClustering(LocalTask, AbsTaskClustering):
@@ -233,7 +362,8 @@ class LocalStackOverflowClustering(LocalTask, AbsTaskClustering):
 
     def read(self) -> DatasetDict:
         folder = self.data_dir / "stc2_clustering"
-        rows = self.sample(read_stc2(folder / "StackOverflow.txt", folder / "StackOverflow_gnd.txt"), self.limit or self.full_size)
+        rows = read_stc2(folder / "StackOverflow.txt", folder / "StackOverflow_gnd.txt")
+        rows = [rows[i] for i in stratified_rows([row["labels"] for row in rows], self.limit or self.full_size, self.sample_seed)]
         # mteb's bootstrap draws this many texts (with replacement) per clustering experiment.
         self.max_documents_per_cluster = len(rows)
         return DatasetDict({"test": Dataset.from_list(rows)})
@@ -243,7 +373,9 @@ class LocalMRPC(LocalTask, AbsTaskPairClassification):
     metadata = local_metadata("LocalMRPC", "PairClassification", "max_ap", "MRPC test pairs: paraphrase or not.", "mrpc/msr-para-test.tsv")
 
     def read(self) -> DatasetDict:
-        return DatasetDict({"test": Dataset.from_list(self.sample(read_mrpc(self.data_dir / "mrpc" / "msr-para-test.tsv")))})
+        rows = read_mrpc(self.data_dir / "mrpc" / "msr-para-test.tsv")
+        kept = stratified_rows([row["labels"] for row in rows], self.limit, self.sample_seed)
+        return DatasetDict({"test": Dataset.from_list([rows[i] for i in kept])})
 
 
 def retrieval_split(
@@ -297,8 +429,11 @@ class LocalSciFact(LocalTask, AbsTaskRetrieval):
     def read(self) -> dict[str, Any]:
         corpus, queries, relevant = read_beir(self.data_dir / "scifact", "test")
         query_ids = [query for query in queries if query in relevant]
-        kept_queries, kept_docs = subsample_retrieval(
-            query_ids, relevant, list(corpus), self.limit, self.distractors_per_query, self.sample_seed
+        corpus_ids = list(corpus)
+        kept_queries, kept_docs = subsample_retrieval_hard(
+            query_ids, [queries[query] for query in query_ids], relevant, corpus_ids,
+            [f"{corpus[doc]['title']} {corpus[doc]['text']}" for doc in corpus_ids], self.limit,
+            self.hard_negatives_per_query, self.distractors_per_query, self.sample_seed,
         )
         return {
             "default": {
@@ -309,3 +444,15 @@ class LocalSciFact(LocalTask, AbsTaskRetrieval):
                 )
             }
         }
+
+    def task_specific_scores(
+        self,
+        scores: dict[str, dict[str, float]],
+        qrels: dict[str, dict[str, int]],
+        results: dict[str, dict[str, float]],
+        hf_split: str,
+        hf_subset: str,
+    ) -> dict[str, float]:
+        # A retrieval score depends on how many documents compete: the report says what was searched.
+        split = self.dataset[hf_subset][hf_split]
+        return {"corpus_size": float(len(split["corpus"])), "queries": float(len(split["queries"]))}

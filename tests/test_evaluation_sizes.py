@@ -1,0 +1,216 @@
+"""Evaluation a user can trust (issue 18): full-size local tasks that follow MTEB's protocol, a quick mode whose
+samples keep each task's distribution, reports that say which they are, and the response-oracle baseline with its
+answer cache. Tiny data or the tiny random model; the tasks' real files where they are checked."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json  # noqa: E402
+from collections import Counter  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from components.evaluation import oracle as oracle_module  # noqa: E402
+from components.evaluation.oracle import AnswerCache, OracleEmbedder  # noqa: E402
+from components.evaluation.report import markdown_table  # noqa: E402
+from components.evaluation.runner import TaskScore  # noqa: E402
+from components.evaluation.tasks import (  # noqa: E402
+    QUICK_TRAIN_TEXTS,
+    LocalBanking77,
+    LocalEmotion,
+    LocalSciFact,
+    LocalSICKR,
+    lexical_neighbours,
+    score_strata_rows,
+    stratified_rows,
+    subsample_retrieval_hard,
+)
+from components.generation import ResponseGenerator  # noqa: E402
+from components.model import LLM2VecGen  # noqa: E402
+from components.spec import EvaluationSpec, GenerationSpec, load_spec  # noqa: E402
+from workflows import evaluate as evaluate_workflow  # noqa: E402
+from workflows import run as run_workflow  # noqa: E402
+
+DATA = Path("../shared/data")
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not available")
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def test_stratified_rows_keep_every_labels_share_and_at_least_one_row_of_each():
+    labels = ["a"] * 90 + ["b"] * 9 + ["c"] * 1
+    rows = stratified_rows(labels, 20, seed=0)
+    assert rows == sorted(rows) and len(rows) == 20 and rows == stratified_rows(labels, 20, seed=0)
+    counts = Counter(labels[i] for i in rows)
+    assert counts["a"] in (17, 18) and counts["b"] in (1, 2) and counts["c"] == 1  # c's share rounds to 0: kept once
+    assert stratified_rows(labels, None, 0) == stratified_rows(labels, 500, 0) == list(range(100))
+    assert stratified_rows(labels, 20, seed=0) != stratified_rows(labels, 20, seed=1)
+
+
+def test_score_strata_rows_take_one_row_from_each_stratum_of_the_gold_score():
+    scores = np.random.default_rng(0).permutation(1000) / 1000  # 0.000 .. 0.999, shuffled
+    rows = score_strata_rows(scores.tolist(), 10, seed=3)
+    assert len(rows) == 10 and rows == sorted(rows)
+    assert sorted(int(scores[i] * 10) for i in rows) == list(range(10))  # one pair from every decile
+    assert score_strata_rows(scores.tolist(), None, 3) == list(range(1000))
+
+
+def test_quick_retrieval_corpus_keeps_relevant_documents_lexical_neighbours_and_random_distractors():
+    topics = ["apple orchard harvest", "volcano lava eruption", "violin concerto orchestra", "glacier ice melting"]
+    corpus_ids = [f"d{i}" for i in range(40)]
+    corpus_texts = [f"{topics[i % 4]} report number {i}" for i in range(40)]
+    queries = ["q0", "q1"]
+    query_texts = ["when is the apple harvest in the orchard", "how hot is volcano lava"]
+    relevant = {"q0": {"d0": 1}, "q1": {"d1": 1}}
+    assert lexical_neighbours(["volcano lava"], corpus_texts, 3) == [[1, 5, 9]]  # the volcano documents, best first
+    kept, docs = subsample_retrieval_hard(queries, query_texts, relevant, corpus_ids, corpus_texts, limit=2,
+                                          hard_negatives_per_query=3, distractors_per_query=1, seed=0)
+    assert kept == queries
+    hard = {"d4", "d8", "d12"} | {"d5", "d9", "d13"}  # the top-3 same-topic documents after each relevant one
+    assert {"d0", "d1"} | hard <= set(docs) and len(docs) == 2 + 6 + 2
+    assert subsample_retrieval_hard(queries, query_texts, relevant, corpus_ids, corpus_texts, None, 3, 1, 0) == (queries, corpus_ids)
+
+
+# ---------------------------------------------------------------------------------- the tasks' own protocol
+
+
+@needs_data
+def test_full_size_tasks_are_the_data_mteb_evaluates_with_its_classification_protocol():
+    sick = LocalSICKR(DATA)
+    sick.load_data()
+    assert len(sick.dataset["test"]) == 9927  # MTEB's SICK-R: all of SICK
+    banking, emotion = LocalBanking77(DATA), LocalEmotion(DATA)
+    banking.load_data()
+    emotion.load_data()
+    assert {split: len(rows) for split, rows in banking.dataset.items()} == {"train": 10003, "test": 3080}
+    assert {split: len(rows) for split, rows in emotion.dataset.items()} == {"train": 16000, "test": 2000}
+    # mteb's experiments: 10 draws of samples_per_label rows per label (8; Emotion 16, as MTEB sets it)
+    assert (banking.samples_per_label, emotion.samples_per_label, banking.n_experiments) == (8, 16, 10)
+    scifact = LocalSciFact(DATA)
+    scifact.load_data()
+    split = scifact.dataset["default"]["test"]
+    assert len(split["corpus"]) == 5183 and len(split["queries"]) == 300
+
+
+def mteb_draws(task, experiments: int) -> list[list[int]]:
+    """The training rows of each classifier experiment, drawn as mteb's _evaluate_subset draws them."""
+    idxs, draws = None, []
+    for experiment in range(experiments):
+        _, idxs, selected = task._undersample_data(task.dataset["train"], experiment, idxs)
+        draws.append(selected)
+    return draws
+
+
+@needs_data
+def test_quick_classification_runs_the_first_full_size_experiments_on_label_stratified_test_rows():
+    task = LocalBanking77(DATA, limit=154)
+    task.load_data()
+    train, test = task.dataset["train"], task.dataset["test"]
+    assert len(train) == 10003  # mteb draws each experiment's rows from the whole train split, as at full size
+    assert task.n_experiments == QUICK_TRAIN_TEXTS // (8 * 77) == 2
+    assert len(test) == 154 and set(Counter(test["label"]).values()) == {2} and len(set(test["label"])) == 77
+    full = LocalBanking77(DATA)
+    full.load_data()
+    # the quick run's experiments are the full-size run's first ones (drawn as mteb draws them): the same rows
+    assert mteb_draws(task, task.n_experiments) == mteb_draws(full, full.n_experiments)[: task.n_experiments]
+    emotion = LocalEmotion(DATA, limit=100)
+    emotion.load_data()
+    assert emotion.n_experiments == 10  # 6 labels x 16: every experiment fits under the cap
+
+
+# --------------------------------------------------------------------------------------------------- reports
+
+
+def test_reports_say_whether_they_are_full_size_or_quick():
+    assert EvaluationSpec().size_label == "full size"
+    assert EvaluationSpec(limit=300).size_label == "quick mode (limit 300)"
+    results = {"a": {"T": TaskScore("T", "STS", "m", 0.5, False, 0.0)}}
+    assert markdown_table(results, size="quick mode (limit 300)").startswith("| task (quick mode (limit 300)) |")
+
+
+# ---------------------------------------------------------------------------------------- the response oracle
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tiny_backbones) -> Path:
+    model = LLM2VecGen.from_spec(load_spec("specs/tiny.yaml"), embedding_dim=16, backbone=tiny_backbones["llama"])
+    return model.save(tmp_path / "tiny-model")
+
+
+class Lengths:
+    """A stand-in teacher: a text's vector is its length and its vowel count."""
+
+    dimension = 2
+
+    def embed(self, texts):
+        return np.array([[len(t), sum(c in "aeiou" for c in t)] for t in texts], dtype=np.float32)
+
+
+def test_answer_cache_generates_each_distinct_text_once_and_reuses_its_folder(tmp_path, tiny_spec, monkeypatch):
+    generation = GenerationSpec(max_new_tokens=4, batch_size=4, shard_size=2)
+    cache = AnswerCache(tmp_path / "oracle", tiny_spec.backbone, generation)
+    texts = ["what is rain?", "name a colour", "what is rain?", "count to three"]
+    answers = cache.answers(texts)
+    assert len(answers) == 4 and answers[0] == answers[2] and cache.generated == 3
+    # a fresh cache on the same folder (a rerun) reads every answer back and never generates
+    monkeypatch.setattr(ResponseGenerator, "__call__", lambda self, shard: pytest.fail("generated on a rerun"))
+    again = AnswerCache(tmp_path / "oracle", tiny_spec.backbone, generation)
+    assert again.answers(texts) == answers and again.generated == 0
+    # other decoding settings are other answers: a new folder
+    other = AnswerCache(tmp_path / "oracle", tiny_spec.backbone, generation.model_copy(update={"max_new_tokens": 5}))
+    assert other.key_inputs(texts) != again.key_inputs(texts)
+
+
+def test_oracle_embeds_the_answer_to_the_prompted_text_with_the_teacher(tmp_path, tiny_spec):
+    cache = AnswerCache(tmp_path / "oracle", tiny_spec.backbone, GenerationSpec(max_new_tokens=4, batch_size=4))
+    oracle = OracleEmbedder(cache, Lengths(), {"query": "Answer: "})
+    vectors = oracle.embed(["a cat", "a dog"], "Answer: ", 8)
+    expected = Lengths().embed(cache.answers(["Answer: a cat", "Answer: a dog"]))
+    assert np.array_equal(vectors, expected) and cache.generated == 2
+
+
+@needs_data
+def test_baselines_report_has_the_oracle_column_and_a_rerun_generates_nothing(tiny_folder, tmp_path, monkeypatch):
+    evaluation = EvaluationSpec(tasks=["LocalSTSBenchmark"], limit=6, baselines=True, oracle_dir=str(tmp_path / "oracle"))
+    generation = GenerationSpec(max_new_tokens=4, batch_size=4)
+    report = evaluate_workflow.run_evaluation(tiny_folder, evaluation, tmp_path / "report", generation=generation)
+    assert list(report["models"]) == ["llm2vec-gen", "teacher", "mean-pool", "last-token", "oracle"]
+    assert report["oracle_answers_generated"] == 12 and report["size"] == "quick mode (limit 6)"
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert "| task (quick mode (limit 6)) |" in table and "| last-token | oracle |" in table
+
+    monkeypatch.setattr(ResponseGenerator, "__call__", lambda self, shard: pytest.fail("generated on a rerun"))
+    again = evaluate_workflow.run_evaluation(tiny_folder, evaluation, tmp_path / "report2", generation=generation)
+    assert again["oracle_answers_generated"] == 0
+    assert again["models"]["oracle"]["LocalSTSBenchmark"]["score"] == report["models"]["oracle"]["LocalSTSBenchmark"]["score"]
+    saved = json.loads((tmp_path / "report2" / "results.json").read_text())
+    assert saved["oracle_answers_generated"] == 0
+
+
+def test_cli_oracle_flags_and_the_spec_default_follow_the_baselines():
+    args = evaluate_workflow.parse_args(["m", "--oracle", "--oracle-dir", "x"])
+    evaluation = evaluate_workflow.evaluation_from_args(args, None)
+    assert evaluation.with_oracle and not evaluation.baselines and evaluation.oracle_dir == "x"
+    no = evaluate_workflow.evaluation_from_args(evaluate_workflow.parse_args(["m", "--baselines", "--no-oracle"]), None)
+    assert no.baselines and not no.with_oracle
+    assert EvaluationSpec(baselines=True).with_oracle and not EvaluationSpec().with_oracle
+
+
+@needs_data
+def test_check_stage_prints_the_oracle_against_the_teacher_on_a_small_sample(tmp_path, capsys):
+    spec = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "evaluation.check_pairs=4",
+                                         "generation.max_new_tokens=4"])
+    result = run_workflow.check_oracle(spec)
+    out = capsys.readouterr().out
+    assert set(result["oracle"]) == set(result["teacher"]) == set(oracle_module.CHECK_TASKS)
+    assert result["answers_generated"] == 16  # 4 pairs x 2 texts x 2 tasks
+    assert "response oracle vs teacher" in out and "| LocalSICK-R |" in out and " vs teacher " in out
+    skipped = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "evaluation.check_pairs=0"])
+    assert run_workflow.check_oracle(skipped) is None and "skipped" in capsys.readouterr().out
