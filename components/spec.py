@@ -274,11 +274,13 @@ class EvaluationSpec(Section):
     """What `python -m workflows.evaluate` and the evaluate stage run (components/evaluation).
 
     suite: local (mteb tasks read from files under data_dir, plus AdvBench-IR safety retrieval), mteb-lite (public
-    MTEB tasks, online only) or none; `tasks`, when given, replaces the suite (local or MTEB task names, or suites).
+    MTEB tasks, online only), auto (each local task whose files exist, else its public MTEB copy when the hub is
+    reachable, else skipped with one line: components/evaluation/availability.py) or none; `tasks`, when given,
+    replaces the suite (local or MTEB task names, or suites).
     limit: at most about this many items per task (rows, queries or candidate pairs), sampled with `seed`.
     """
 
-    suite: Literal["local", "mteb-lite", "none"] = "local"
+    suite: Literal["local", "mteb-lite", "auto", "none"] = "local"
     tasks: list[str] = Field(default_factory=list)
     limit: int | None = Field(None, ge=1)
     data_dir: str = "../shared/data"

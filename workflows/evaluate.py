@@ -26,9 +26,11 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from components.evaluation.availability import SuiteChoice, choose_auto_suite, hub_reachable
 from components.evaluation.suites import SUITES, expand_suite, is_offline
 from components.spec import EvaluationSpec, Spec, SpecError, TeacherSpec, load_spec
 
@@ -36,8 +38,22 @@ log = logging.getLogger("workflows.evaluate")
 
 
 def suite_tasks(evaluation: EvaluationSpec) -> list[str]:
-    """The spec's task list when given, else its suite's."""
+    """The spec's task list when given, else its suite's (suite auto: what resolve_auto chooses here)."""
+    if evaluation.suite == "auto" and not evaluation.tasks:
+        return suite_tasks(resolve_auto(evaluation)[0])
     return expand_suite(evaluation.tasks or evaluation.suite)
+
+
+def resolve_auto(
+    evaluation: EvaluationSpec, online: Callable[[], bool] | None = None
+) -> tuple[EvaluationSpec, SuiteChoice | None]:
+    """For `suite: auto` without a task list: the evaluation with the chosen tasks filled in (suite none when there
+    is nothing to run) and the choice, whose line says which evaluation runs; any other spec as it is, and None."""
+    if evaluation.suite != "auto" or evaluation.tasks:
+        return evaluation, None
+    choice = choose_auto_suite(evaluation.data_dir, online or hub_reachable)
+    update = {"suite": "none", "tasks": []} if choice.skipped else {"tasks": choice.tasks}
+    return evaluation.model_copy(update=update), choice
 
 
 def go_offline() -> None:
@@ -112,25 +128,33 @@ def stage_evaluate(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
     train = results.get("train") or {}
     if not train.get("model_dir"):
         raise ValueError("the evaluate stage needs the train stage's model_dir (run it with --stages train,evaluate)")
-    if not suite_tasks(spec.evaluation):
+    evaluation, choice = resolve_auto(spec.evaluation)
+    if choice is not None:
+        print(choice.line, flush=True)
+    if not suite_tasks(evaluation):
+        if choice is not None:  # suite auto with nothing to run here: the job goes on, the summary says why
+            return {"evaluation": choice.line}
         log.info("evaluation.suite is 'none' and evaluation.tasks is empty: nothing to evaluate")
         return {}
+    ran = choice.line if choice is not None else f"suite {','.join(evaluation.tasks) or evaluation.suite}"
     # One report per (trained model, evaluation settings): a rerun of the same spec reuses it.
-    output = spec.run_dir / "evaluation" / f"{Path(train['model_dir']).parent.name}-{spec.fingerprint('evaluation', 'teacher')}"
+    fingerprint = spec.fingerprint("evaluation", "teacher") + (f"-{choice.kind}" if choice is not None else "")
+    output = spec.run_dir / "evaluation" / f"{Path(train['model_dir']).parent.name}-{fingerprint}"
     markdown = output / "results.md"
     if (output / "results.json").is_file() and markdown.is_file():
         log.info("evaluate: %s exists, skipping", output)
-        return {"report": str(markdown), "averages": json.loads((output / "results.json").read_text())["averages"]}
+        return {"report": str(markdown), "averages": json.loads((output / "results.json").read_text())["averages"],
+                "evaluation": ran}
     tracking = spec.tracking.enabled and train.get("mlflow_tracking_uri")
     report = run_evaluation(
         train["model_dir"],
-        spec.evaluation,
+        evaluation,
         output,
         teacher=spec.teacher,
         tracking_uri=train.get("mlflow_tracking_uri") if tracking else None,
         run_id=train.get("mlflow_run_id") if tracking else None,
     )
-    return {"report": str(report["paths"]["markdown"]), "averages": report["averages"]}
+    return {"report": str(report["paths"]["markdown"]), "averages": report["averages"], "evaluation": ran}
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -140,7 +164,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m workflows.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("model", help="a model folder or models:/<name>/<version>")
-    parser.add_argument("--suite", help=f"{' | '.join(SUITES)} | comma-separated task names (default: the spec's, else local)")
+    parser.add_argument("--suite", help=f"{' | '.join(SUITES)} | auto | comma-separated task names (default: the spec's, else local)")
     parser.add_argument("--baselines", action="store_true", default=None, help="also the teacher, mean pooling and last token")
     parser.add_argument("--limit", type=int, help="at most about N items per task (rows, queries or candidate pairs)")
     parser.add_argument("--output", type=Path, help="report folder (default runs/evaluation/<the model reference as a name>)")
@@ -161,7 +185,8 @@ def evaluation_from_args(args: argparse.Namespace, spec: Spec | None) -> Evaluat
     updates: dict[str, Any] = {"limit": args.limit, "data_dir": args.data_dir, "batch_size": args.batch_size,
                                "baselines": args.baselines, "distractors_per_query": args.distractors_per_query}
     if args.suite:
-        updates.update({"suite": args.suite, "tasks": []} if args.suite in SUITES else {"tasks": expand_suite(args.suite)})
+        named = args.suite in SUITES or args.suite == "auto"
+        updates.update({"suite": args.suite, "tasks": []} if named else {"tasks": expand_suite(args.suite)})
     return EvaluationSpec.model_validate({**evaluation.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
 
 
@@ -179,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    evaluation, choice = resolve_auto(evaluation)
+    if choice is not None:
+        if choice.skipped:
+            print(f"error: {choice.line}", file=sys.stderr)
+            return 2
+        print(choice.line)
     if not suite_tasks(evaluation):
         print("error: no tasks to run (suite 'none' and no evaluation.tasks)", file=sys.stderr)
         return 2
