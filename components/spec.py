@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.prompts import PROMPT_SETS, prompt_set
 
 
 class SpecError(ValueError):
@@ -159,13 +161,28 @@ class ModelSpec(Section):
     # exact minimiser of the alignment loss (+ the ridge penalty) for the features training ended with.
     refit_alignment: bool = False
     max_query_tokens: int = Field(512, ge=1)
-    # Instructions prefixed to a text before encoding, by name; the paper phrases inputs as requests to answer.
-    prompts: dict[str, str] = Field(
+    # Instructions prefixed to a text before encoding, stored with the model: a mapping in mteb's prompt keys (task
+    # name, task type, query, document; components/evaluation/encoders.py), or a named set (components/prompts.py):
+    # `generative` (the official evaluation protocol: generative instructions on the query side, "Summarize the
+    # following passage: " on the document side) or `bare` (none). The paper phrases inputs as requests to answer.
+    prompts: dict[str, str] | str = Field(
         default_factory=lambda: {
             "query": "Generate a passage that best answers this question: ",
             "document": "Summarize the following passage: ",
         }
     )
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _mapping_or_known_set(cls, value: Any) -> Any:
+        if not isinstance(value, dict) and not (isinstance(value, str) and value in PROMPT_SETS):
+            raise ValueError(f"must be a mapping or one of the prompt sets {', '.join(PROMPT_SETS)}")
+        return value
+
+    @property
+    def prompt_mapping(self) -> dict[str, str]:
+        """The prompts a model built from this spec stores (a named set resolved to its mapping)."""
+        return prompt_set(self.prompts)
 
 
 class DataSourceSpec(Section):

@@ -1,6 +1,7 @@
 """Evaluate an LLM2Vec-Gen model with mteb, optionally against its teacher and its backbone's own readouts.
 
-    python -m workflows.evaluate MODEL [--suite local|mteb-lite|TASK,...] [--baselines] [--limit N] [--output DIR]
+    python -m workflows.evaluate MODEL [--suite local|mteb-lite|auto|TASK,...] [--baselines] [--limit N] [--output DIR]
+                                       [--prompts bare|generative|FILE.json]
                                        [--spec SPEC] [--teacher TEACHER] [--data-dir DIR] [--batch-size B]
                                        [--distractors-per-query K] [--tracking-uri URI [--run-id ID]]
 
@@ -69,9 +70,13 @@ def run_evaluation(
     teacher: TeacherSpec | None = None,
     tracking_uri: str | None = None,
     run_id: str | None = None,
+    prompts: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model (and, with evaluation.baselines, its teacher and backbone readouts) on the spec's tasks;
-    write the report into `output`. Returns the report's JSON content plus the paths written."""
+    write the report into `output`. Returns the report's JSON content plus the paths written.
+
+    prompts: the model's instructions for this evaluation instead of its folder's: a named set (bare, generative) or
+    a JSON file of a mapping (components/prompts.py)."""
     task_names = suite_tasks(evaluation)
     if not task_names:
         raise ValueError("no tasks to run: the suite is 'none' and evaluation.tasks is empty")
@@ -88,8 +93,11 @@ def run_evaluation(
     folder = resolve_model(model_ref)
     started = time.perf_counter()
     model = LLM2VecGen.load(folder)
-    embedders: dict[str, Any] = {"llm2vec-gen": GenEmbedder(model)}
-    descriptions = {"llm2vec-gen": f"LLM2Vec-Gen model {folder} (prompts from its folder: {sorted(model.config.prompts)})"}
+    chosen = load_prompts(prompts) if prompts is not None else None
+    embedders: dict[str, Any] = {"llm2vec-gen": GenEmbedder(model, prompts=chosen)}
+    descriptions = {"llm2vec-gen": f"LLM2Vec-Gen model {folder} ("
+                    + (f"prompts: {prompts}, {len(chosen)} keys" if chosen is not None else
+                       f"prompts from its folder: {_describe_prompts(model.config.prompts)}") + ")"}
     if evaluation.baselines:
         teacher = teacher or teacher_from_config(model.config.teacher)
         embedders["teacher"] = TeacherEmbedder(load_teacher(teacher, model.config.backbone))
@@ -108,6 +116,7 @@ def run_evaluation(
         "suite": ",".join(evaluation.tasks) if evaluation.tasks else evaluation.suite,
         "limit": evaluation.limit,
         "data_dir": evaluation.data_dir,
+        "prompts": prompts or "the model folder's",
         "evaluation": evaluation.model_dump(mode="json"),
     }
     # The report is (re)written after each model: a run stopped part-way keeps the models it finished.
@@ -121,6 +130,25 @@ def run_evaluation(
         log.info("scores logged to MLflow run %s at %s", run_id, tracking_uri)
     return {**report_dict(results, seconds, info), "paths": {kind: str(path) for kind, path in paths.items()},
             "mlflow_run_id": run_id}
+
+
+def load_prompts(name_or_file: str) -> dict[str, str]:
+    """A named prompt set, or a JSON file holding a mapping of prompt keys to instructions."""
+    from components.prompts import PROMPT_SETS, prompt_set
+
+    if name_or_file in PROMPT_SETS:
+        return prompt_set(name_or_file)
+    path = Path(name_or_file)
+    if not path.is_file():
+        raise ValueError(f"--prompts {name_or_file!r}: neither a prompt set ({', '.join(PROMPT_SETS)}) nor a JSON file")
+    mapping = json.loads(path.read_text())
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise ValueError(f"--prompts {path}: expected a JSON object of strings (prompt key -> instruction)")
+    return mapping
+
+
+def _describe_prompts(prompts: dict[str, str]) -> str:
+    return str(sorted(prompts)) if len(prompts) <= 6 else f"{len(prompts)} keys"
 
 
 def stage_evaluate(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
@@ -174,6 +202,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", help="where the local datasets are (default ../shared/data)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--distractors-per-query", type=int, help="under --limit, other documents kept per retrieval query")
+    parser.add_argument("--prompts", help="the model's instructions for this evaluation instead of its folder's: "
+                                          "bare | generative (components/prompts.py) | a JSON file of prompt key -> text")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help="log scores to MLflow here")
     parser.add_argument("--run-id", help="the MLflow run to log into (default: a new run)")
     return parser.parse_args(argv)
@@ -204,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.prompts is not None:
+        try:
+            load_prompts(args.prompts)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     evaluation, choice = resolve_auto(evaluation)
     if choice is not None:
         if choice.skipped:
@@ -230,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher = teacher_from_config(args.teacher) if args.teacher else (spec.teacher if spec else None)
     output = args.output or Path("runs/evaluation") / default_report_name(str(args.model))
     started = time.perf_counter()
-    report = run_evaluation(args.model, evaluation, output, teacher=teacher, tracking_uri=args.tracking_uri, run_id=args.run_id)
+    report = run_evaluation(args.model, evaluation, output, teacher=teacher, tracking_uri=args.tracking_uri, run_id=args.run_id,
+                            prompts=args.prompts)
     print(Path(report["paths"]["markdown"]).read_text())
     print(f"report: {output} ({time.perf_counter() - started:.0f}s)")
     return 0
