@@ -292,12 +292,14 @@ class EvaluationSpec(Section):
 
     suite: local (mteb tasks read from files under data_dir, plus AdvBench-IR safety retrieval), mteb-lite (public
     MTEB tasks, online only), auto (each local task whose files exist, else its public MTEB copy when the hub is
-    reachable, else skipped with one line: components/evaluation/availability.py) or none; `tasks`, when given,
-    replaces the suite (local or MTEB task names, or suites).
+    reachable, else skipped with one line: components/evaluation/availability.py), the paper's suites (online only:
+    mteb-eng-v2, MTEB(eng, v2)'s 41 tasks; bright, its 12 domains; advbench-ir, AdvBench-IR by the paper's protocol;
+    paper, all three; components/evaluation/suites.py) or none; `tasks`, when given, replaces the suite (local or
+    MTEB task names, or suites).
     limit: at most about this many items per task (rows, queries or candidate pairs), sampled with `seed`.
     """
 
-    suite: Literal["local", "mteb-lite", "auto", "none"] = "local"
+    suite: Literal["local", "mteb-lite", "mteb-eng-v2", "bright", "advbench-ir", "paper", "auto", "none"] = "local"
     tasks: list[str] = Field(default_factory=list)
     limit: int | None = Field(None, ge=1)
     data_dir: str = "../shared/data"

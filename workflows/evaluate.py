@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from components.evaluation.availability import SuiteChoice, choose_auto_suite, hub_reachable
-from components.evaluation.suites import SUITES, expand_suite, is_offline
+from components.evaluation.suites import SUITES, expand_suite, is_offline, needs_hub
 from components.spec import EvaluationSpec, Spec, SpecError, TeacherSpec, load_spec
 
 log = logging.getLogger("workflows.evaluate")
@@ -55,6 +55,33 @@ def resolve_auto(
     choice = choose_auto_suite(evaluation.data_dir, online or hub_reachable)
     update = {"suite": "none", "tasks": []} if choice.skipped else {"tasks": choice.tasks}
     return evaluation.model_copy(update=update), choice
+
+
+class HubUnreachable(RuntimeError):
+    """The evaluation needs the Hugging Face hub and it cannot be reached; the message is one line saying so."""
+
+
+def require_hub(task_names: list[str], online: Callable[[], bool] | None = None) -> None:
+    """Raise HubUnreachable at once when some task downloads its data and the hub is not reachable (one probe)."""
+    hub = needs_hub(task_names)
+    if hub and not (online or hub_reachable)():
+        shown = ", ".join(hub[:3]) + (f" and {len(hub) - 3} more" if len(hub) > 3 else "")
+        raise HubUnreachable(
+            f"evaluation needs the Hugging Face hub for {len(hub)} public task(s) ({shown}) and the hub is not "
+            "reachable (offline or HF_HUB_OFFLINE set): run online, or use evaluation.suite local or auto"
+        )
+
+
+def preflight(evaluation: EvaluationSpec, online: Callable[[], bool] | None = None) -> str | None:
+    """Why the evaluation cannot run here (one line), or None; workflows.run asks before its first stage, so that a
+    job whose suite needs the hub fails at once instead of after training. Suite auto always can (it may skip)."""
+    if evaluation.suite == "auto" and not evaluation.tasks:
+        return None
+    try:
+        require_hub(suite_tasks(evaluation), online)
+    except HubUnreachable as err:
+        return str(err)
+    return None
 
 
 def go_offline() -> None:
@@ -82,6 +109,8 @@ def run_evaluation(
         raise ValueError("no tasks to run: the suite is 'none' and evaluation.tasks is empty")
     if is_offline(task_names):
         go_offline()
+    else:
+        require_hub(task_names)
 
     from components.evaluation.encoders import BackboneReadouts, GenEmbedder, TeacherEmbedder, teacher_from_config
     from components.evaluation.report import log_to_mlflow, report_dict, write_report
@@ -248,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         print(choice.line)
     if not suite_tasks(evaluation):
         print("error: no tasks to run (suite 'none' and no evaluation.tasks)", file=sys.stderr)
+        return 2
+    problem = preflight(evaluation)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if is_offline(suite_tasks(evaluation)):
         go_offline()  # before transformers, datasets and mteb are imported

@@ -114,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: --stages: unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}", file=sys.stderr)
         return 2
+    if "evaluate" in stages:  # a suite that needs the hub fails now, not after training
+        from workflows.evaluate import preflight
+
+        problem = preflight(spec.evaluation)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     _connect_ray(stages)
     results: dict[str, Any] = {}
