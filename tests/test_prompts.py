@@ -140,3 +140,18 @@ def test_evaluate_prompts_option_reads_a_set_or_a_json_file(tmp_path, capsys):
         evaluate_workflow.load_prompts(str(path))
     assert evaluate_workflow.main([str(tmp_path / "model"), "--prompts", "nope"]) == 2
     assert "neither a prompt set (bare, generative) nor a JSON file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir("../shared/data"), reason="../shared/data is not available")
+def test_evaluate_runs_prompt_sets_side_by_side_from_one_model_load(tmp_path, tiny_model_for_prompts):
+    folder = tiny_model_for_prompts.save(tmp_path / "m")
+    output = tmp_path / "report"
+    code = evaluate_workflow.main([str(folder), "--suite", "LocalSICK-R,LocalSciFact", "--limit", "6",
+                                   "--prompts", "bare,generative", "--output", str(output)])
+    assert code == 0
+    report = json.loads((output / "results.json").read_text())
+    assert list(report["models"]) == ["llm2vec-gen-bare", "llm2vec-gen-generative"]
+    scores = {label: report["models"][label]["LocalSICK-R"]["score"] for label in report["models"]}
+    assert scores["llm2vec-gen-bare"] != scores["llm2vec-gen-generative"]  # the instruction changes the embeddings
+    assert report["prompts"] == "bare,generative"
+    assert "| LocalSICK-R | STS | cosine_spearman |" in (output / "results.md").read_text()

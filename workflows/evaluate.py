@@ -103,7 +103,8 @@ def run_evaluation(
     write the report into `output`. Returns the report's JSON content plus the paths written.
 
     prompts: the model's instructions for this evaluation instead of its folder's: a named set (bare, generative) or
-    a JSON file of a mapping (components/prompts.py)."""
+    a JSON file of a mapping (components/prompts.py); several, comma-separated, give one column each
+    ("llm2vec-gen-bare", "llm2vec-gen-generative", ...) from one load of the model."""
     task_names = suite_tasks(evaluation)
     if not task_names:
         raise ValueError("no tasks to run: the suite is 'none' and evaluation.tasks is empty")
@@ -122,11 +123,16 @@ def run_evaluation(
     folder = resolve_model(model_ref)
     started = time.perf_counter()
     model = LLM2VecGen.load(folder)
-    chosen = load_prompts(prompts) if prompts is not None else None
-    embedders: dict[str, Any] = {"llm2vec-gen": GenEmbedder(model, prompts=chosen)}
-    descriptions = {"llm2vec-gen": f"LLM2Vec-Gen model {folder} ("
-                    + (f"prompts: {prompts}, {len(chosen)} keys" if chosen is not None else
-                       f"prompts from its folder: {_describe_prompts(model.config.prompts)}") + ")"}
+    embedders: dict[str, Any] = {}
+    descriptions: dict[str, str] = {}
+    sets = prompt_set_names(prompts)
+    for name in sets:
+        label = "llm2vec-gen" if len(sets) == 1 else f"llm2vec-gen-{Path(name).stem}"
+        chosen = load_prompts(name) if name is not None else None
+        embedders[label] = GenEmbedder(model, name=label, prompts=chosen)
+        descriptions[label] = f"LLM2Vec-Gen model {folder} (" + (
+            f"prompts: {name}, {len(chosen)} keys" if chosen is not None
+            else f"prompts from its folder: {_describe_prompts(model.config.prompts)}") + ")"
     if evaluation.baselines:
         teacher = teacher or teacher_from_config(model.config.teacher)
         embedders["teacher"] = TeacherEmbedder(load_teacher(teacher, model.config.backbone))
@@ -159,6 +165,12 @@ def run_evaluation(
         log.info("scores logged to MLflow run %s at %s", run_id, tracking_uri)
     return {**report_dict(results, seconds, info), "paths": {kind: str(path) for kind, path in paths.items()},
             "mlflow_run_id": run_id}
+
+
+def prompt_set_names(prompts: str | None) -> list[str | None]:
+    """--prompts "bare,generative" -> ["bare", "generative"]; none given -> [None] (the folder's own)."""
+    names = [name.strip() for name in (prompts or "").split(",") if name.strip()]
+    return list(dict.fromkeys(names)) or [None]
 
 
 def load_prompts(name_or_file: str) -> dict[str, str]:
@@ -232,7 +244,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--distractors-per-query", type=int, help="under --limit, other documents kept per retrieval query")
     parser.add_argument("--prompts", help="the model's instructions for this evaluation instead of its folder's: "
-                                          "bare | generative (components/prompts.py) | a JSON file of prompt key -> text")
+                                          "bare | generative (components/prompts.py) | a JSON file of prompt key -> text; "
+                                          "comma-separated: one column each (e.g. bare,generative)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help="log scores to MLflow here")
     parser.add_argument("--run-id", help="the MLflow run to log into (default: a new run)")
     return parser.parse_args(argv)
@@ -265,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.prompts is not None:
         try:
-            load_prompts(args.prompts)
+            [load_prompts(name) for name in prompt_set_names(args.prompts) if name is not None]
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
