@@ -127,7 +127,7 @@ class LLM2VecGen(nn.Module):
             embedding_dim=embedding_dim,
             reconstruction_init=spec.model.reconstruction_init,
             max_query_tokens=spec.model.max_query_tokens,
-            prompts=spec.model.prompts,
+            prompts=spec.model.prompt_mapping,
             teacher=f"{spec.teacher.kind}:{teacher}" if spec.teacher.kind != "backbone_mean_pool" else "backbone_mean_pool",
             seed=spec.training.seed,
         )

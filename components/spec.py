@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.prompts import PROMPT_SETS, prompt_set
 
 
 class SpecError(ValueError):
@@ -247,13 +249,28 @@ class ModelSpec(Section):
     # exact minimiser of the alignment loss (+ the ridge penalty) for the features training ended with.
     refit_alignment: bool = False
     max_query_tokens: int = Field(512, ge=1)
-    # Instructions prefixed to a text before encoding, by name; the paper phrases inputs as requests to answer.
-    prompts: dict[str, str] = Field(
+    # Instructions prefixed to a text before encoding, stored with the model: a mapping in mteb's prompt keys (task
+    # name, task type, query, document; components/evaluation/encoders.py), or a named set (components/prompts.py):
+    # `generative` (the official evaluation protocol: generative instructions on the query side, "Summarize the
+    # following passage: " on the document side) or `bare` (none). The paper phrases inputs as requests to answer.
+    prompts: dict[str, str] | str = Field(
         default_factory=lambda: {
             "query": "Generate a passage that best answers this question: ",
             "document": "Summarize the following passage: ",
         }
     )
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _mapping_or_known_set(cls, value: Any) -> Any:
+        if not isinstance(value, dict) and not (isinstance(value, str) and value in PROMPT_SETS):
+            raise ValueError(f"must be a mapping or one of the prompt sets {', '.join(PROMPT_SETS)}")
+        return value
+
+    @property
+    def prompt_mapping(self) -> dict[str, str]:
+        """The prompts a model built from this spec stores (a named set resolved to its mapping)."""
+        return prompt_set(self.prompts)
 
 
 class DataSourceSpec(Section):
@@ -372,7 +389,11 @@ class EvaluationSpec(Section):
     """What `python -m workflows.evaluate` and the evaluate stage run (components/evaluation).
 
     suite: local (mteb tasks read from files under data_dir, plus AdvBench-IR safety retrieval), mteb-lite (public
-    MTEB tasks, online only) or none; `tasks`, when given, replaces the suite (local or MTEB task names, or suites).
+    MTEB tasks, online only), auto (each local task whose files exist, else its public MTEB copy when the hub is
+    reachable, else skipped with one line: components/evaluation/availability.py), the paper's suites (online only:
+    mteb-eng-v2, MTEB(eng, v2)'s 41 tasks; bright, its 12 domains; advbench-ir, AdvBench-IR by the paper's protocol;
+    paper, all three; components/evaluation/suites.py) or none; `tasks`, when given, replaces the suite (local or
+    MTEB task names, or suites).
     limit: unset = full size (each local task as MTEB evaluates the same data); N = the quick mode: about N
     evaluation items per task (pairs, test rows, queries, candidate pairs), sampled with `seed` so that the score
     keeps its meaning (components/evaluation/tasks.py says how, per task type). Every report says which it was.
@@ -381,7 +402,7 @@ class EvaluationSpec(Section):
     embedding of the answers can reach. Unset: with the baselines.
     """
 
-    suite: Literal["local", "mteb-lite", "none"] = "local"
+    suite: Literal["local", "mteb-lite", "mteb-eng-v2", "bright", "advbench-ir", "paper", "auto", "none"] = "local"
     tasks: list[str] = Field(default_factory=list)
     limit: int | None = Field(None, ge=1)
     data_dir: str = "../shared/data"

@@ -29,7 +29,13 @@ from components.evaluation.encoders import (  # noqa: E402
 from components.evaluation.lens import logit_lens  # noqa: E402
 from components.evaluation.report import markdown_table  # noqa: E402
 from components.evaluation.runner import LOCAL_TASK_CLASSES, TaskScore  # noqa: E402
-from components.evaluation.safety import AdvBenchIR, harmful_at_k, harmful_mrr, read_advbench_ir  # noqa: E402
+from components.evaluation.safety import (  # noqa: E402
+    BENIGN_PER_REQUEST,
+    AdvBenchIR,
+    harmful_at_k,
+    harmful_mrr,
+    read_advbench_ir,
+)
 from components.evaluation.suites import LOCAL_TASKS, MTEB_LITE, expand_suite, is_offline  # noqa: E402
 from components.evaluation.tasks import (  # noqa: E402
     LocalSTSBenchmark,
@@ -147,7 +153,7 @@ def test_local_readers_parse_the_files_as_documented():
 
 
 @needs_data
-def test_safety_task_mixes_only_the_kept_requests_chunks_with_benign_abstracts():
+def test_safety_task_mixes_only_the_kept_requests_chunks_with_benign_local_documents():
     task = AdvBenchIR(DATA, limit=10, distractors_per_query=2)
     task.load_data()
     split = task.dataset["default"]["test"]
@@ -155,13 +161,18 @@ def test_safety_task_mixes_only_the_kept_requests_chunks_with_benign_abstracts()
     own_chunks = {chunk for request in split["relevant_docs"].values() for chunk in request}
     assert task.harmful_ids == own_chunks
     benign = [doc for doc in split["corpus"]["id"] if doc.startswith("benign-")]
-    assert len(benign) == 20 and len(split["corpus"]) == len(own_chunks) + 20
-    # the benign pool holds LLM-written answers as well as abstracts
+    assert len(benign) == 10 * BENIGN_PER_REQUEST and len(split["corpus"]) == len(own_chunks) + len(benign)
+    assert len(own_chunks) / len(split["corpus"]) < 0.1  # was 64% with 2 benign documents per request
+    # the benign pool is every local document and passage: answers, abstracts, and the other tasks' texts
     full = AdvBenchIR(DATA)
     full.load_data()
     ids = full.dataset["default"]["test"]["corpus"]["id"]
-    assert sum(doc.startswith("benign-alpaca-") for doc in ids) == 999
     assert sum(doc.startswith("benign-scifact-") for doc in ids) == 5183
+    sources = {doc.split("-")[1] for doc in ids if doc.startswith("benign-")}
+    assert sources == {"alpaca", "scifact", "stsb", "sick", "mrpc", "trecqa", "banking77", "emotion", "stackoverflow"}
+    texts = [text for doc, text in zip(ids, full.dataset["default"]["test"]["corpus"]["text"], strict=True)
+             if doc.startswith("benign-")]
+    assert len(texts) == len(set(texts)) > 40_000
 
 
 # ------------------------------------------------------------------------------------------------- prompts
@@ -236,10 +247,11 @@ def test_cli_runs_the_local_suite_with_limit_and_writes_json_markdown_and_chart(
     assert set(scores) == set(LOCAL_TASKS)
     assert all(math.isfinite(score["score"]) for score in scores.values())
     assert scores["AdvBenchIR"]["lower_is_better"] and scores["AdvBenchIR"]["metric"] == "harmful_at_5"
-    assert {"harmful_at_1", "harmful_at_10", "harmful_mrr", "harmful_share"} <= set(scores["AdvBenchIR"]["scores"])
+    assert {"harmful_at_1", "harmful_at_10", "harmful_at_20", "harmful_mrr", "harmful_share"} <= set(scores["AdvBenchIR"]["scores"])
     table = (output / "results.md").read_text()
     assert all(f"| {task} |" in table for task in LOCAL_TASKS)
     assert "| AdvBenchIR | Retrieval | harmful_mrr (lower is better) |" in table
+    assert "| AdvBenchIR | Retrieval | harmful_at_20 (lower is better) |" in table
     assert (output / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -38,8 +38,9 @@ def test_every_shipped_spec_is_valid_and_opens_with_a_comment_and_command(path):
 
 def test_qwen_spec_has_the_papers_settings():
     spec = load_spec("specs/qwen.yaml")
-    assert (spec.tokens.thought, spec.tokens.compression) == (10, 10)
+    assert (spec.tokens.thought, spec.tokens.compression) == (0, 10)  # V2 of the official code
     assert (spec.training.lr, spec.training.batch_size, spec.training.max_steps, spec.training.warmup_steps) == (3e-4, 32, 5000, 100)
+    assert spec.training.schedule_steps == 20000
     assert (spec.loss.reconstruction, spec.loss.alignment) == (1.0, 1.0)
 
 

@@ -139,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: --stages: unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}", file=sys.stderr)
         return 2
+    if "evaluate" in stages:  # a suite that needs the hub fails now, not after training
+        from workflows.evaluate import preflight
+
+        problem = preflight(spec.evaluation)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     _connect_ray(stages)
     results: dict[str, Any] = {}
@@ -182,9 +189,12 @@ def summary(spec: Spec, results: dict[str, Any], timings: dict[str, float]) -> s
             lines.append(f"  {label:<12} {train[key]}")
     if train.get("mlflow_tracking_uri"):
         lines.append(f"  open with:   mlflow ui --backend-store-uri {train['mlflow_tracking_uri']}")
-    report = (results.get("evaluate") or {}).get("report")
+    evaluate = results.get("evaluate") or {}
+    if evaluate.get("evaluation"):  # which evaluation ran (or why none did)
+        lines.append(f"  evaluation   {evaluate['evaluation']}")
+    report = evaluate.get("report")
     if report:
-        lines.append(f"  evaluation   {report}")
+        lines.append(f"  report       {report}")
         # The score table itself (tasks x models), as the report has it.
         table = [line for line in Path(report).read_text().splitlines() if line.startswith("|")]
         lines += [f"  {line}" for line in table]

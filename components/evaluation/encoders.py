@@ -100,11 +100,12 @@ class MtebEncoder(AbsEncoder):
 class GenEmbedder:
     """LLM2Vec-Gen: the embedding of the answer the frozen LLM would give."""
 
-    def __init__(self, model: LLM2VecGen, name: str = "llm2vec-gen"):
+    def __init__(self, model: LLM2VecGen, name: str = "llm2vec-gen", prompts: dict[str, str] | None = None):
         self.model = model.eval()
         self.name = name
         self.dimension = model.config.embedding_dim
-        self.prompts = dict(model.config.prompts)
+        # The folder's own prompts unless others are given (e.g. a named set: components/prompts.py).
+        self.prompts = dict(model.config.prompts if prompts is None else prompts)
 
     def embed(self, texts: list[str], prompt: str, batch_size: int) -> np.ndarray:
         return self.model.encode(texts, batch_size=batch_size, prompt=prompt)

@@ -27,7 +27,8 @@ def report_dict(results: Results, seconds: dict[str, float], info: dict[str, Any
 
 
 # Scores shown under a task's main score, in the markdown table only (the average uses main scores).
-SECONDARY_ROWS = {"AdvBenchIR": ("harmful_at_1", "harmful_mrr")}
+SECONDARY_ROWS = {"AdvBenchIR": ("harmful_at_1", "harmful_at_20", "harmful_mrr"),
+                  "AdvBench-IR": ("harmful_at_1", "harmful_at_20", "harmful_at_100", "own_at_5")}
 
 
 def average(scores: dict[str, TaskScore]) -> float | None:

@@ -12,6 +12,7 @@ from typing import Any
 import mteb
 from mteb.abstasks import AbsTask
 
+from components.evaluation.advbench import HUB_TASK_CLASSES
 from components.evaluation.encoders import MtebEncoder, TextEmbedder
 from components.evaluation.safety import AdvBenchIR
 from components.evaluation.suites import LOCAL_TASKS, LOWER_IS_BETTER
@@ -68,7 +69,8 @@ def build_tasks(names: list[str], evaluation: EvaluationSpec) -> list[AbsTask]:
         else:
             if evaluation.limit is not None:
                 log.warning("%s: a public MTEB task runs whole; --limit applies to local tasks only", name)
-            tasks.append(mteb.get_task(name))
+            # our own hub tasks (AdvBench-IR by the paper's protocol), else mteb's
+            tasks.append(HUB_TASK_CLASSES[name](seed=evaluation.seed) if name in HUB_TASK_CLASSES else mteb.get_task(name))
     return tasks
 
 
