@@ -2,9 +2,9 @@
 
 One `mlflow.log_metrics` call against the local SQLite store takes about a second (measured on the tiny spec:
 40 steps at log_every 1 spent ~45 s in it, against ~1 s of compute). The loop hands each step's metrics to
-`MetricsSender.log`, which only queues them; a background thread writes whatever has queued up in one
-`MlflowClient.log_batch` call (at most 1,000 metrics each, MLflow's limit), so a slow store delays the metrics,
-never the steps. `flush()` waits until everything queued is written (the loop calls it at checkpoints, so that a
+`MetricsSender.log`, which only queues them; a background thread writes whatever has queued up, at most once every
+`interval` seconds, in one `MlflowClient.log_batch` call (at most 1,000 metrics each, MLflow's limit), so a slow
+store delays the metrics, never the steps. `flush()` waits until everything queued is written (the loop calls it at checkpoints, so that a
 checkpoint never records a step whose metrics are not in the store) and `close()` flushes and stops the thread
 (at the end and on failure). A write that fails is raised by the next flush or close, not lost silently.
 """
@@ -24,9 +24,10 @@ _STOP = object()
 
 
 class MetricsSender:
-    def __init__(self, client: Any, run_id: str, max_batch: int = MAX_BATCH):
-        self.client, self.run_id, self.max_batch = client, run_id, max_batch
+    def __init__(self, client: Any, run_id: str, max_batch: int = MAX_BATCH, interval: float = 5.0):
+        self.client, self.run_id, self.max_batch, self.interval = client, run_id, max_batch, interval
         self._queue: queue.Queue = queue.Queue()
+        self._wake = threading.Event()  # set by flush and close: write what is queued now
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
         self._thread.start()
@@ -40,12 +41,14 @@ class MetricsSender:
 
     def flush(self) -> None:
         """Block until every queued metric is written; raise the first failed write, if any."""
+        self._wake.set()
         self._queue.join()
         self._raise()
 
     def close(self) -> None:
         if self._thread.is_alive():
             self._queue.put(_STOP)
+            self._wake.set()
             self._thread.join()
         self._raise()
 
@@ -57,6 +60,10 @@ class MetricsSender:
     def _run(self) -> None:
         while True:
             items = [self._queue.get()]
+            # At most one write per `interval` seconds, whatever log_every is: each costs the store's CPU time
+            # (about a second with SQLite), taken from the training thread on a small machine.
+            self._wake.wait(self.interval)
+            self._wake.clear()
             while True:  # everything that queued up while the last write ran goes into this one
                 try:
                     items.append(self._queue.get_nowait())
