@@ -38,6 +38,13 @@ def test_qwen3_recipe_is_the_official_v2_recipe():
     assert (spec.generation.max_new_tokens, spec.generation.enable_thinking) == (500, False)
     assert (spec.loss.reconstruction, spec.loss.alignment, spec.loss.alignment_kind) == (1.0, 1.0, "mse")
     assert spec.backbone.dtype == "bfloat16" and spec.model.prompts == "generative" and spec.evaluation.suite == "paper"
+    # The same-size unsupervised LLM2Vec teacher, unnormalised mean pooling, as the official code aligns to.
+    assert (spec.teacher.kind, spec.teacher.name) == ("llm2vec", "McGill-NLP/LLM2Vec-Qwen3-17B-mntp")
+    assert spec.teacher.adapters == ["McGill-NLP/LLM2Vec-Qwen3-17B-mntp-unsup-simcse"]
+    assert (spec.teacher.pooling, spec.teacher.normalize) == ("mean", False)
+    # The queries: Tulu-3's single-turn conversations from the hub, nothing read from ../shared.
+    [source] = spec.data.sources
+    assert (source.path, source.format, source.messages_field) == ("allenai/tulu-3-sft-mixture", "hf", "messages")
 
 
 @pytest.mark.parametrize(("path", "backbone"), [("specs/qwen2.5.yaml", "Qwen/Qwen2.5-1.5B-Instruct"),
@@ -46,7 +53,10 @@ def test_qwen25_and_llama_variants_differ_only_in_backbone_and_learning_rate(pat
     base, variant = load_spec("specs/qwen.yaml").to_dict(), load_spec(path).to_dict()
     assert variant["backbone"]["name"] == backbone and variant["training"]["lr"] == 5e-4
     differ = {section for section in base if base[section] != variant[section]}
-    assert differ == {"name", "description", "backbone", "training", "tracking"}
+    assert differ == {"name", "description", "backbone", "teacher", "training", "tracking"}
+    # Each backbone has its own same-size LLM2Vec teacher; nothing else of the teacher section differs.
+    assert {k for k in base["teacher"] if base["teacher"][k] != variant["teacher"][k]} == {"name", "adapters"}
+    assert variant["teacher"]["adapters"] == [variant["teacher"]["name"] + "-unsup-simcse"]
     assert {k for k in base["training"] if base["training"][k] != variant["training"][k]} == {"lr"}
 
 
