@@ -9,6 +9,9 @@ import pytest
 # Ray must bind loopback only (see README); set before any test imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# No test reaches for the hub: set before datasets / mteb are first imported (tests of the online paths patch it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from components.backbone import Backbone, load_backbone  # noqa: E402
 from components.model import LLM2VecGen  # noqa: E402

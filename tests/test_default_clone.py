@@ -4,30 +4,25 @@ line, the job goes on). No test reaches the network: reachability is passed in, 
 
 from __future__ import annotations
 
-import os
+import json
+import shutil
+import socket
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
 
-import json  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from components.evaluation.availability import (  # noqa: E402
+from components.evaluation.availability import (
     HUB_COPIES,
     LOCAL_FILES,
     choose_auto_suite,
     hub_reachable,
     missing_files,
 )
-from components.evaluation.suites import LOCAL_TASKS  # noqa: E402
-from components.queries import load_queries  # noqa: E402
-from components.spec import load_spec  # noqa: E402
-from workflows import evaluate as evaluate_workflow  # noqa: E402
-from workflows.run import summary  # noqa: E402
+from components.evaluation.suites import LOCAL_TASKS
+from components.queries import load_queries
+from components.spec import load_spec
+from workflows import evaluate as evaluate_workflow
+from workflows.run import summary
 
 DATA = Path("../shared/data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not available")

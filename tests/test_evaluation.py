@@ -3,22 +3,16 @@ and reading an embedding back as text. Everything runs offline on the tiny rando
 
 from __future__ import annotations
 
-import os
+import json
+import math
+from pathlib import Path
 
-# Local tasks must never reach for the hub; set before datasets/mteb are first imported by this module.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import mteb
+import pytest
+from mteb.models import EncoderProtocol
+from mteb.types import PromptType
 
-import json  # noqa: E402
-import math  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import mteb  # noqa: E402
-import pytest  # noqa: E402
-from mteb.models import EncoderProtocol  # noqa: E402
-from mteb.types import PromptType  # noqa: E402
-
-from components.evaluation.encoders import (  # noqa: E402
+from components.evaluation.encoders import (
     BackboneReadouts,
     GenEmbedder,
     MtebEncoder,
@@ -26,18 +20,18 @@ from components.evaluation.encoders import (  # noqa: E402
     resolve_prompt,
     teacher_from_config,
 )
-from components.evaluation.lens import logit_lens  # noqa: E402
-from components.evaluation.report import markdown_table  # noqa: E402
-from components.evaluation.runner import LOCAL_TASK_CLASSES, TaskScore  # noqa: E402
-from components.evaluation.safety import (  # noqa: E402
+from components.evaluation.lens import logit_lens
+from components.evaluation.report import markdown_table
+from components.evaluation.runner import LOCAL_TASK_CLASSES, TaskScore
+from components.evaluation.safety import (
     BENIGN_PER_REQUEST,
     AdvBenchIR,
     harmful_at_k,
     harmful_mrr,
     read_advbench_ir,
 )
-from components.evaluation.suites import LOCAL_TASKS, MTEB_LITE, expand_suite, is_offline  # noqa: E402
-from components.evaluation.tasks import (  # noqa: E402
+from components.evaluation.suites import LOCAL_TASKS, MTEB_LITE, expand_suite, is_offline
+from components.evaluation.tasks import (
     LocalSTSBenchmark,
     LocalTrecQA,
     read_banking77,
@@ -52,10 +46,10 @@ from components.evaluation.tasks import (  # noqa: E402
     subsample_retrieval,
     whole_groups_up_to,
 )
-from components.model import LLM2VecGen  # noqa: E402
-from components.spec import EvaluationSpec, GenerationSpec, load_spec  # noqa: E402
-from workflows import evaluate as evaluate_workflow  # noqa: E402
-from workflows import inspect as inspect_workflow  # noqa: E402
+from components.model import LLM2VecGen
+from components.spec import EvaluationSpec, GenerationSpec, load_spec
+from workflows import evaluate as evaluate_workflow
+from workflows import inspect as inspect_workflow
 
 DATA = Path("../shared/data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not available")

@@ -4,23 +4,18 @@ answer cache. Tiny data or the tiny random model; the tasks' real files where th
 
 from __future__ import annotations
 
-import os
+import json
+from collections import Counter
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import numpy as np
+import pytest
 
-import json  # noqa: E402
-from collections import Counter  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from components.evaluation import oracle as oracle_module  # noqa: E402
-from components.evaluation.oracle import AnswerCache, OracleEmbedder  # noqa: E402
-from components.evaluation.report import markdown_table  # noqa: E402
-from components.evaluation.runner import TaskScore  # noqa: E402
-from components.evaluation.tasks import (  # noqa: E402
+from components.evaluation import oracle as oracle_module
+from components.evaluation.oracle import AnswerCache, OracleEmbedder
+from components.evaluation.report import markdown_table
+from components.evaluation.runner import TaskScore
+from components.evaluation.tasks import (
     QUICK_TRAIN_TEXTS,
     LocalBanking77,
     LocalEmotion,
@@ -31,11 +26,11 @@ from components.evaluation.tasks import (  # noqa: E402
     stratified_rows,
     subsample_retrieval_hard,
 )
-from components.generation import ResponseGenerator  # noqa: E402
-from components.model import LLM2VecGen  # noqa: E402
-from components.spec import EvaluationSpec, GenerationSpec, load_spec  # noqa: E402
-from workflows import evaluate as evaluate_workflow  # noqa: E402
-from workflows import run as run_workflow  # noqa: E402
+from components.generation import ResponseGenerator
+from components.model import LLM2VecGen
+from components.spec import EvaluationSpec, GenerationSpec, load_spec
+from workflows import evaluate as evaluate_workflow
+from workflows import run as run_workflow
 
 DATA = Path("../shared/data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not available")

@@ -3,21 +3,17 @@ the document side, bare texts; carried by a model folder and used by the mteb en
 
 from __future__ import annotations
 
+import json
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import mteb
+import pytest
+from mteb.types import PromptType
 
-import json  # noqa: E402
-
-import mteb  # noqa: E402
-import pytest  # noqa: E402
-from mteb.types import PromptType  # noqa: E402
-
-from components.evaluation.encoders import GenEmbedder, MtebEncoder, as_mteb, resolve_prompt  # noqa: E402
-from components.evaluation.runner import LOCAL_TASK_CLASSES  # noqa: E402
-from components.model import LLM2VecGen  # noqa: E402
-from components.prompts import (  # noqa: E402
+from components.evaluation.encoders import GenEmbedder, MtebEncoder, as_mteb, resolve_prompt
+from components.evaluation.runner import LOCAL_TASK_CLASSES
+from components.model import LLM2VecGen
+from components.prompts import (
     BRIGHT_BY_TASK,
     OFFICIAL_BY_TASK,
     PASSAGE_PREFIX,
@@ -25,8 +21,8 @@ from components.prompts import (  # noqa: E402
     generative_prompts,
     prompt_set,
 )
-from components.spec import SpecError, load_spec  # noqa: E402
-from workflows import evaluate as evaluate_workflow  # noqa: E402
+from components.spec import SpecError, load_spec
+from workflows import evaluate as evaluate_workflow
 
 GENERATIVE = generative_prompts()
 

@@ -4,20 +4,15 @@ with one line. The AdvBench-IR protocol runs end to end on a stand-in for the hu
 
 from __future__ import annotations
 
-import os
+import mteb
+import numpy as np
+import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import mteb  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from components.evaluation import advbench  # noqa: E402
-from components.evaluation.advbench import AdvBenchIRPaper, chunk_words, own_at_k, paper_corpus  # noqa: E402
-from components.evaluation.encoders import MtebEncoder  # noqa: E402
-from components.evaluation.runner import build_tasks, evaluate_embedder  # noqa: E402
-from components.evaluation.suites import (  # noqa: E402
+from components.evaluation import advbench
+from components.evaluation.advbench import AdvBenchIRPaper, chunk_words, own_at_k, paper_corpus
+from components.evaluation.encoders import MtebEncoder
+from components.evaluation.runner import build_tasks, evaluate_embedder
+from components.evaluation.suites import (
     ADVBENCH_IR,
     BRIGHT,
     LOWER_IS_BETTER,
@@ -26,10 +21,10 @@ from components.evaluation.suites import (  # noqa: E402
     expand_suite,
     is_offline,
 )
-from components.prompts import generative_prompts  # noqa: E402
-from components.spec import EvaluationSpec, load_spec  # noqa: E402
-from workflows import evaluate as evaluate_workflow  # noqa: E402
-from workflows import run as run_workflow  # noqa: E402
+from components.prompts import generative_prompts
+from components.spec import EvaluationSpec, load_spec
+from workflows import evaluate as evaluate_workflow
+from workflows import run as run_workflow
 
 
 def test_mteb_eng_v2_is_mtebs_benchmark_of_that_name():
