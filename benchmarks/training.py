@@ -62,10 +62,15 @@ EMBEDDING_DIM = 384  # all-MiniLM-L6-v2, the spec's teacher
 MAX_NEW_TOKENS = 128
 THREADS = 2  # torch threads in every process (--threads)
 TOLERANCE = 1e-4  # on the two float32 losses
-# The float64 check (see equality_check and docs/benchmarks.md): measured XXX
+# The equality check (equality_check; figures in docs/benchmarks.md). In float64 the two steps agree to 4e-16 on the
+# losses and 3e-12 on the gradients (30 layers, 576 x 49152 logits, sums over ~1e6 terms at float64's 1.1e-16):
+# the same computation, 30x margin. In float32 each side's own rounding, measured against that float64 result, is
+# 6e-4 (ours) and 1.6e-3 (official) on the special rows' gradient, the same at 16 and at 128 answer tokens: a fixed
+# tolerance on the ours-vs-official gap (1e-3 until issue 27) sat on top of rounding and failed by chance. The
+# float32 criterion is now relative to the official code's own rounding, per trained tensor.
 FLOAT64_TOLERANCE = 1e-10
-FLOAT32_FACTOR = 2.0
-FLOAT32_FLOOR = 1e-6
+FLOAT32_FACTOR = 2.0  # ours may round at most twice as far from the float64 result as the official code does
+FLOAT32_FLOOR = 1e-6  # ~10 float32 epsilons: the alignment head's gradients round at 4e-7 on both sides
 OFFICIAL_PINS = ["torch==2.13.0", "transformers==4.56.2", "peft==0.18.0", "accelerate==1.15.0", "safetensors", "numpy"]
 OFFICIAL_PACKAGE = "llm2vec-gen==0.1.3"
 TRAINED = ["special_embeddings", "reconstruction.weight", "reconstruction.bias", "alignment.weight", "alignment.bias"]
