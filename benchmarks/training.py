@@ -245,7 +245,6 @@ def ours_worker(workdir: Path, dtype: str = "float32") -> None:
         model = LLM2VecGen.from_spec(spec, embedding_dim=EMBEDDING_DIM)
         if dtype == "float64":
             float64_model(model, load_file(workdir / "init.safetensors"))
-            reply({"ready": True})
         else:
             # Token ids exactly as our collate makes them, for the official side; and our starting weights.
             tokenized = []
@@ -258,7 +257,9 @@ def ours_worker(workdir: Path, dtype: str = "float32") -> None:
         model.train()
         params = model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
-        if dtype != "float64":
+        if dtype == "float64":
+            reply({"ready": True})
+        else:
             reply({
                 "ready": True,
                 "tokenized": tokenized,
