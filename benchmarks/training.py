@@ -1,6 +1,6 @@
 """Training samples per second: our step against the official llm2vec-gen implementation, on real lengths.
 
-    python -m benchmarks.training [--samples 48] [--responses FILE.jsonl] [--threads 2] [--keep]
+    python -m benchmarks.training [--samples 48] [--responses FILE.jsonl] [--threads 2] [--lengths 16,32,64] [--keep]
 
 Both train the same backbone (specs/smollm2-135m.yaml: SmolLM2-135M-Instruct, fp32, T + C special tokens),
 on the same rows, micro batch `training.micro_batch_size` (8), AdamW at `training.lr` with gradient clipping,
@@ -19,9 +19,14 @@ the backbone's own greedy answers (max_new_tokens 128, the paper's setting would
 and cached in <cache>/bench-responses.jsonl (or read from --responses, a jsonl of {"query", "response"});
 teacher vectors are random unit vectors (the teacher's size, 384).
 
-Before timing, all three compute the reconstruction CE, the alignment MSE and the gradients of every trained
-tensor on the same batch from the same weights (ours copied into theirs); a relative difference above 1e-4
-stops the benchmark. Each system runs in its own process (so that peak RSS, ru_maxrss, is comparable), and the
+Before timing, the equality check (equality_check): ours and the official step compute the reconstruction CE,
+the alignment MSE and the gradients of every trained tensor on the same batch from the same weights (ours copied
+into theirs), first both in float64 (two more processes: the same code with the backbone, the heads and every op
+in float64, see _official_step.py), where they must agree to float64 rounding (FLOAT64_TOLERANCE), then the three
+float32 systems, each measured against that float64 result: our float32 rounding must be no larger than the
+official code's own (FLOAT32_FACTOR), the losses within 1e-4. A failure stops the benchmark before timing.
+--lengths 16,32,64 repeats the check with the answers capped shorter (how the float32 gap grows with length).
+Each system runs in its own process (so that peak RSS, ru_maxrss, is comparable), and the
 three are interleaved step by step (1 warm-up round, then one round per micro batch, the order rotating), so that
 load from other processes on the machine falls on all of them alike. Each step's process CPU time is printed
 next to its wall time: on a machine shared with other jobs the wall times swing several-fold, and with
@@ -56,8 +61,16 @@ SPEC_OVERRIDES = ["model.reconstruction_init=random", "model.alignment_init=rand
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2, the spec's teacher
 MAX_NEW_TOKENS = 128
 THREADS = 2  # torch threads in every process (--threads)
-TOLERANCE = 1e-4  # on the two losses
-GRAD_TOLERANCE = 1e-3  # on the gradients (norm of the difference over the norm): sums over ~1e5 terms
+TOLERANCE = 1e-4  # on the two float32 losses
+# The equality check (equality_check; figures in docs/benchmarks.md). In float64 the two steps agree to 4e-16 on the
+# losses and 3e-12 on the gradients (30 layers, 576 x 49152 logits, sums over ~1e6 terms at float64's 1.1e-16):
+# the same computation, 30x margin. In float32 each side's own rounding, measured against that float64 result, is
+# 6e-4 (ours) and 1.6e-3 (official) on the special rows' gradient, the same at 16 and at 128 answer tokens: a fixed
+# tolerance on the ours-vs-official gap (1e-3 until issue 27) sat on top of rounding and failed by chance. The
+# float32 criterion is now relative to the official code's own rounding, per trained tensor.
+FLOAT64_TOLERANCE = 1e-10
+FLOAT32_FACTOR = 2.0  # ours may round at most twice as far from the float64 result as the official code does
+FLOAT32_FLOOR = 1e-6  # ~10 float32 epsilons: the alignment head's gradients round at 4e-7 on both sides
 OFFICIAL_PINS = ["torch==2.13.0", "transformers==4.56.2", "peft==0.18.0", "accelerate==1.15.0", "safetensors", "numpy"]
 OFFICIAL_PACKAGE = "llm2vec-gen==0.1.3"
 TRAINED = ["special_embeddings", "reconstruction.weight", "reconstruction.bias", "alignment.weight", "alignment.bias"]
@@ -88,8 +101,8 @@ def official_python(cache_dir: Path) -> Path:
 def transformers4_folder(folder: Path, target: Path) -> Path:
     """A copy of our cached backbone folder that transformers 4.56 reads correctly (the cache is not touched).
 
-    transformers 5 writes rope_parameters (4.56 would silently fall back to rope_theta 10000) and a tokenizer
-    class 4.56 does not know; the weights are linked, not copied.
+    transformers 5 writes rope_parameters (4.56 would silently fall back to rope_theta 10000), a tokenizer
+    class 4.56 does not know and its extra special tokens as a list; the weights are linked, not copied.
     """
     target.mkdir(parents=True)
     config = json.loads((folder / "config.json").read_text())
@@ -102,6 +115,11 @@ def transformers4_folder(folder: Path, target: Path) -> Path:
     (target / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = tokenizer_config.pop("extra_special_tokens", None)  # transformers 5's list; 4.56 reads a dict there
+    if isinstance(extra, list):
+        tokenizer_config["additional_special_tokens"] = extra
+    elif extra:
+        tokenizer_config["extra_special_tokens"] = extra
     (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     for name in ("tokenizer.json", "generation_config.json", "model.safetensors"):
         if (folder / name).exists():
@@ -200,8 +218,12 @@ def worker_env(threads: int) -> dict[str, str]:
     return env
 
 
-def ours_worker(workdir: Path) -> None:
-    """`python -m benchmarks.training --worker ours WORKDIR`: our model, the same protocol as _official_step.py."""
+def ours_worker(workdir: Path, dtype: str = "float32") -> None:
+    """`python -m benchmarks.training --worker ours|ours-float64 WORKDIR`: our model, the protocol of _official_step.py.
+
+    The float32 worker writes the starting weights (init.safetensors) and the token ids; the float64 one, started
+    after it, reads those weights and runs only checks (see float64_model).
+    """
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
 
@@ -221,44 +243,50 @@ def ours_worker(workdir: Path) -> None:
         rows = json.loads((workdir / "rows.json").read_text())
         teacher = load_file(workdir / "teacher.safetensors")["teacher"]
         model = LLM2VecGen.from_spec(spec, embedding_dim=EMBEDDING_DIM)
-        weights = (spec.loss.reconstruction, spec.loss.alignment)  # the official side takes the pair
-
-        # Token ids exactly as our collate makes them, for the official side; and our starting weights.
-        tokenized = []
-        for index, row in enumerate(rows):
-            one = model.collate([row["query"]], [row["response"]], teacher[index : index + 1], MAX_NEW_TOKENS)
-            tokenized.append({"query_ids": one.query_ids[0][one.query_mask[0].bool()].tolist(),
-                              "response_ids": one.response_ids[0][one.response_mask[0].bool()].tolist()})
-        save_file({name: value.detach().contiguous() for name, value in model.state_dict().items()}, workdir / "init.safetensors")
+        if dtype == "float64":
+            float64_model(model, load_file(workdir / "init.safetensors"))
+        else:
+            # Token ids exactly as our collate makes them, for the official side; and our starting weights.
+            tokenized = []
+            for index, row in enumerate(rows):
+                one = model.collate([row["query"]], [row["response"]], teacher[index : index + 1], MAX_NEW_TOKENS)
+                tokenized.append({"query_ids": one.query_ids[0][one.query_mask[0].bool()].tolist(),
+                                  "response_ids": one.response_ids[0][one.response_mask[0].bool()].tolist()})
+            save_file({name: value.detach().contiguous() for name, value in model.state_dict().items()},
+                      workdir / "init.safetensors")
         model.train()
         params = model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
-        reply({
-            "ready": True,
-            "tokenized": tokenized,
-            "special_tokens": model.config.special_tokens,
-            "special_ids": model.tokenizer.convert_tokens_to_ids(model.config.special_tokens),
-            "pad_id": model.tokenizer.pad_token_id,
-            "compression_tokens": model.config.compression_tokens,
-            "trainable": sum(p.numel() for p in params),
-            "lr": training.lr, "weight_decay": training.weight_decay, "grad_clip": training.grad_clip,
-            "weights": list(weights), "micro_batch_size": training.micro_batch_size, "seed": training.seed,
-            "cache_query_prefix": model.cache_query_prefix,
-        })
+        if dtype == "float64":
+            reply({"ready": True})
+        else:
+            reply({
+                "ready": True,
+                "tokenized": tokenized,
+                "special_tokens": model.config.special_tokens,
+                "special_ids": model.tokenizer.convert_tokens_to_ids(model.config.special_tokens),
+                "pad_id": model.tokenizer.pad_token_id,
+                "compression_tokens": model.config.compression_tokens,
+                "trainable": sum(p.numel() for p in params),
+                "lr": training.lr, "weight_decay": training.weight_decay, "grad_clip": training.grad_clip,
+                "weights": list((spec.loss.reconstruction, spec.loss.alignment)),  # the official side takes the pair
+                "micro_batch_size": training.micro_batch_size, "seed": training.seed,
+                "cache_query_prefix": model.cache_query_prefix,
+            })
     except Exception:
         reply({"error": traceback.format_exc()})
         return
 
-    def losses(indices):
+    def losses(indices, cap=MAX_NEW_TOKENS):
         chosen = [rows[i] for i in indices]
-        batch = model.collate([r["query"] for r in chosen], [r["response"] for r in chosen], teacher[indices], MAX_NEW_TOKENS)
+        batch = model.collate([r["query"] for r in chosen], [r["response"] for r in chosen], teacher[indices], cap)
         return model(batch, spec.loss)
 
     for line in sys.stdin:
         command = json.loads(line)
         try:
             if command["cmd"] == "check":
-                result = losses(command["rows"])
+                result = losses(command["rows"], command.get("cap", MAX_NEW_TOKENS))
                 result.total.backward()
                 save_file({name: p.grad.detach().clone() for name, p in model.named_parameters()}, command["grads_file"])
                 optimizer.zero_grad(set_to_none=True)
@@ -280,6 +308,20 @@ def ours_worker(workdir: Path) -> None:
             reply({"error": traceback.format_exc()})
 
 
+def float64_model(model, start: dict[str, torch.Tensor]):
+    """`model` (an LLM2VecGen) with the weights `start`, in float64 throughout, for the equality check.
+
+    The backbone goes to float64 with it, and the float32 casts transformers hard-codes (RMSNorm, rotary
+    embedding) are taken out by the same function that the official worker applies to its model.
+    """
+    from benchmarks._official_step import exact_float64
+
+    model.load_state_dict(start)
+    model.double()  # the backbone too: LLM2VecGen._apply moves it along
+    exact_float64(model.backbone)
+    return model
+
+
 # ------------------------------------------------------------------------------------------------------- main
 
 
@@ -291,6 +333,63 @@ def tensor_relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
+def worker_check(worker: Worker, rows: list[int], cap: int, grads_file: Path) -> tuple[dict, dict]:
+    """(losses, gradients of the trained tensors in float64) of one forward + backward, no update."""
+    from safetensors.torch import load_file
+
+    losses = worker.call(cmd="check", rows=rows, grads_file=str(grads_file), cap=cap)
+    return losses, {key: value.double() for key, value in load_file(grads_file).items() if key in TRAINED}
+
+
+def equality_check(float64_workers: dict[str, Worker], float32_workers: dict[str, Worker], rows: list[int], cap: int,
+                   workdir: Path, answer_lengths: list[int]) -> str:
+    """Both steps on one batch and the same weights, first in float64, then in float32; prints the figures and
+    returns what failed ("" when nothing did).
+
+    float64: ours and the official code must agree to FLOAT64_TOLERANCE (losses and every gradient): the same
+    computation up to float64 rounding, so any float32 difference left is rounding.
+    float32: each side's own rounding is measured against the float64 result (the truth for both): ours must be
+    no less exact than the official code's (FLOAT32_FACTOR, per trained tensor, plus FLOAT32_FLOOR for tensors
+    whose errors are at float32 epsilon), and the losses must agree to TOLERANCE. The ours-vs-official float32
+    gap is printed; it cannot exceed the sum of the two errors, so it needs no tolerance of its own.
+    """
+    results = {}
+    for name, worker in {**float64_workers, **float32_workers}.items():
+        results[name] = worker_check(worker, rows, cap, workdir / f"grads-{name}.safetensors")
+    (ours64, ours64_grads), (theirs64, theirs64_grads) = results["ours-float64"], results["official-float64"]
+    print(f"equality check, answers capped at {cap} tokens (this batch's answer tokens: {sorted(answer_lengths)}):")
+    loss64 = max(relative(ours64[k], theirs64[k]) for k in ("reconstruction", "alignment"))
+    grad64 = {key: tensor_relative(ours64_grads[key], theirs64_grads[key]) for key in TRAINED}
+    print(f"  float64 ours vs official: losses {ours64['reconstruction']:.15f} / {ours64['alignment']:.15f}, rel. diff "
+          f"{loss64:.1e}; gradients rel. diff " + ", ".join(f"{key} {value:.1e}" for key, value in grad64.items()))
+    errors = {name: {key: tensor_relative(results[name][1][key], theirs64_grads[key]) for key in TRAINED}
+              for name in float32_workers}
+    for name in float32_workers:
+        print(f"  float32 {name:16s} vs float64: losses rel. "
+              + " / ".join(f"{relative(results[name][0][k], theirs64[k]):.1e}" for k in ("reconstruction", "alignment"))
+              + "; gradients rel. " + ", ".join(f"{key} {value:.1e}" for key, value in errors[name].items()))
+    officials = [name for name in float32_workers if name != "ours"]
+    gap = {key: max(tensor_relative(results["ours"][1][key], results[name][1][key]) for name in officials) for key in TRAINED}
+    loss32 = max(relative(results["ours"][0][k], results[name][0][k]) for name in officials for k in ("reconstruction", "alignment"))
+    print(f"  float32 ours vs official (worst of {len(officials)}): losses rel. diff {loss32:.1e}; gradients rel. diff "
+          + ", ".join(f"{key} {value:.1e}" for key, value in gap.items()))
+    failed = []
+    if loss64 > FLOAT64_TOLERANCE or max(grad64.values()) > FLOAT64_TOLERANCE:
+        failed.append(f"float64 losses differ by {loss64:.1e}, gradients by {max(grad64.values()):.1e} "
+                      f"(tolerance {FLOAT64_TOLERANCE:.0e})")
+    allowed = {key: FLOAT32_FACTOR * min(errors[name][key] for name in officials) + FLOAT32_FLOOR for key in TRAINED}
+    worse = {key: errors["ours"][key] for key in TRAINED if errors["ours"][key] > allowed[key]}
+    if worse:
+        failed.append("float32 rounding of ours above the official's (x" f"{FLOAT32_FACTOR:g} + {FLOAT32_FLOOR:.0e}): "
+                      + ", ".join(f"{key} {value:.1e} > {allowed[key]:.1e}" for key, value in worse.items()))
+    if loss32 > TOLERANCE:
+        failed.append(f"float32 losses differ by {loss32:.1e} (tolerance {TOLERANCE:.0e})")
+    print("  " + ("FAILED: " + "; ".join(failed) if failed else
+                  f"OK: equal in float64 (within {FLOAT64_TOLERANCE:.0e}); in float32 ours within x{FLOAT32_FACTOR:g} "
+                  f"of the official code's own rounding"), flush=True)
+    return "; ".join(failed)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=48, help="rows; one timed step per micro batch of them")
@@ -298,14 +397,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="torch threads per process; with 1, process CPU time is the work even on a busy machine")
     parser.add_argument("--keep", action="store_true", help="keep the exchange folder (batches, weights, logs)")
+    parser.add_argument("--lengths", type=lambda text: [int(x) for x in text.split(",")], default=[],
+                        help=f"also run the equality check with answers capped at these token counts (e.g. 16,32,64); "
+                             f"the check at {MAX_NEW_TOKENS} always runs and decides")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        ours_worker(Path(args.worker[1]))
+        ours_worker(Path(args.worker[1]), "float64" if args.worker[0] == "ours-float64" else "float32")
         return
 
     torch.set_num_threads(args.threads)
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from components.backbone import convert_gguf, default_cache_dir, locate_package_file
     from components.spec import load_spec
@@ -374,27 +476,29 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name:8s} batches: {len(batches)} x {micro}, padded positions: queries {queries} "
                   f"(real {sum(query_lengths)}), responses {answers} (real {sum(response_lengths)})")
 
-        # The loss check: the same batch (mixed lengths: the first random batch), the same starting weights.
+        # The equality check: the same batch (mixed lengths: the first random batch), the same starting weights.
         check_rows = random_batches[0]
-        checks, grads = {}, {}
-        for name, worker in [("ours", ours), *official.items()]:
-            grads_file = workdir / f"grads-{name}.safetensors"
-            checks[name] = worker.call(cmd="check", rows=check_rows, grads_file=str(grads_file))
-            grads[name] = load_file(grads_file)
-        print(f"loss check on one batch (rows {check_rows}), the same weights (ours copied into theirs):")
-        worst = 0.0
-        for loss, label in (("reconstruction", "reconstruction CE"), ("alignment", "alignment MSE")):
-            line = "  " + f"{label:18s}" + "  ".join(f"{name} {checks[name][loss]:.8f}" for name in checks)
-            diffs = [relative(checks["ours"][loss], checks[name][loss]) for name in official]
-            worst = max(worst, *diffs)
-            print(line + "  rel. diff " + " / ".join(f"{d:.1e}" for d in diffs))
-        grad_diffs = {key: max(tensor_relative(grads["ours"][key], grads[name][key]) for name in official) for key in TRAINED}
-        print("  gradients rel. diff (ours vs official, worst of the two): "
-              + ", ".join(f"{key} {value:.1e}" for key, value in grad_diffs.items()))
-        if worst > TOLERANCE or max(grad_diffs.values()) > GRAD_TOLERANCE:
-            raise SystemExit(f"loss check FAILED: losses differ by {worst:.1e} (tolerance {TOLERANCE:.0e}), gradients by "
-                             f"{max(grad_diffs.values()):.1e} (tolerance {GRAD_TOLERANCE:.0e}); not timing")
-        print(f"  same losses within {TOLERANCE:.0e} and gradients within {GRAD_TOLERANCE:.0e}: OK")
+        float64_workers = {
+            "ours-float64": Worker("ours-float64", [sys.executable, "-m", "benchmarks.training", "--worker", "ours-float64",
+                                                    str(workdir)], workdir / "ours-float64.log", env),
+            "official-float64": Worker("official-float64", [str(python), "-I", str(ROOT / "benchmarks" / "_official_step.py"),
+                                                            str(workdir), "--checkpointing", "on", "--dtype", "float64"],
+                                       workdir / "official-float64.log", env),
+        }
+        workers += float64_workers.values()
+        for worker in float64_workers.values():
+            worker.receive()
+        float32_workers = {"ours": ours, **official}
+        caps = sorted({*args.lengths, MAX_NEW_TOKENS}) if args.lengths else [MAX_NEW_TOKENS]
+        for cap in caps:
+            verdict = equality_check(float64_workers, float32_workers, check_rows, cap, workdir,
+                                     [min(len(tokenized[i]["response_ids"]), cap) for i in check_rows])
+            if cap == MAX_NEW_TOKENS:
+                failed = verdict
+        for worker in float64_workers.values():  # their memory and threads are not wanted while timing
+            worker.close()
+        if failed:
+            raise SystemExit(f"equality check FAILED: {failed}; not timing")
 
         # Timing: warm-up round, then one round per micro batch; the order rotates every round.
         names = ["ours", "official", "official-no-ckpt"]

@@ -188,7 +188,7 @@ class LLM2VecGen(nn.Module):
         else:
             inputs = torch.cat([tokens, special], dim=1)  # (B, Lq + K, H)
             hidden = self.backbone.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
-        return hidden[:, -self.config.compression_tokens :].float()  # (B, C, H)
+        return upcast(hidden[:, -self.config.compression_tokens :])  # (B, C, H)
 
     def project(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (B, C, H) -> z (B, C, H) in input space, and the embedding e (B, D)."""
@@ -234,14 +234,15 @@ class LLM2VecGen(nn.Module):
         # Position C-1+j reads z and y_<j, and predicts y_j. Right padding keeps positions exact.
         predictors = hidden[:, num_compression - 1 : -1]  # (B, R, H)
         real = response_mask.bool()
-        logits = self.backbone.get_output_embeddings()(predictors[real]).float()  # (N, V), real tokens only
+        logits = upcast(self.backbone.get_output_embeddings()(predictors[real]))  # (N, V), real tokens only
         return F.cross_entropy(logits, response_ids[real])
 
     @staticmethod
     def alignment_loss(embedding: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-        # In float32 whatever the embedding's dtype: bf16 targets would round every teacher value to 8 bits, and the
-        # squared error of centred targets (~1e-3 per dimension) would be summed in bf16.
-        embedding, teacher = embedding.float(), teacher.to(embedding.device, torch.float32)
+        # In float32 at least whatever the embedding's dtype: bf16 targets would round every teacher value to 8 bits,
+        # and the squared error of centred targets (~1e-3 per dimension) would be summed in bf16.
+        embedding = upcast(embedding)
+        teacher = teacher.to(embedding.device, embedding.dtype)
         if kind == "cosine":
             return (1 - F.cosine_similarity(embedding, teacher, dim=-1)).mean()
         return F.mse_loss(embedding, teacher)
@@ -386,6 +387,12 @@ class LLM2VecGen(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 for bf16/fp16/fp32 tensors; float64 stays float64 (the float64 check against the official step,
+    benchmarks/training.py, needs every op of the step in float64)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
 def moment_matching(states: torch.Tensor, embeddings: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
