@@ -345,6 +345,13 @@ class TrainingSpec(Section):
     max_steps: int = Field(5000, ge=1)  # where to stop
     schedule_steps: int | None = Field(None, ge=1)  # length of the LR schedule; default max_steps
     warmup_steps: int = Field(100, ge=0)
+    # The LR's shape over schedule_steps (components/training.py lr_factor): linear is transformers'
+    # get_linear_schedule_with_warmup, the official one (the recipes); cosine and constant warm up one step earlier.
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    # Recompute the frozen backbone's layer activations in the backward pass of the reconstruction pass and of an
+    # uncached encoding pass instead of keeping them (the official trainer's gradient_checkpointing): less memory
+    # (8B backbones on 40 GB cards), same losses and gradients, more time per step (docs/fidelity.md has the figures).
+    gradient_checkpointing: bool = False
     grad_clip: float = Field(1.0, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"

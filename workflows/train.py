@@ -200,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     schedule_steps = training.schedule_steps or training.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, training.warmup_steps, schedule_steps)
+        optimizer, lambda step: lr_factor(step, training.warmup_steps, schedule_steps, training.schedule)
     )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(training), dist_init_required=False
