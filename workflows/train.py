@@ -171,6 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loop_started = time.time()
     backbone = load_backbone(training_backbone(spec.backbone, training))  # bf16: the backbone too (components/precision.py)
     model = LLM2VecGen.from_spec(spec, embedding_dim=config["embedding_dim"], backbone=backbone)
+    model.gradient_checkpointing = training.gradient_checkpointing
     device = torch.device("cuda", torch.cuda.current_device()) if training.use_gpu else torch.device("cpu")
     model.to(device)
     # The training rows' token counts (the batch order is built from them); rows themselves are read per batch.
