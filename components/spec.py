@@ -314,13 +314,24 @@ class DataSpec(Section):
 
 
 class GenerationSpec(Section):
-    """How the frozen LLM answers each query (greedy by default)."""
+    """How the frozen LLM answers each query (greedy by default).
+
+    sampling: spec (the keys below: greedy unless do_sample) or model_default (the backbone's own generation_config:
+    do_sample, temperature, top_p, top_k, min_p, repetition_penalty; what the official response_generation.py gets
+    from model.generate(), e.g. Qwen3's temperature 0.6, top-p 0.95, top-k 20). Sampled answers are drawn on the
+    model's device, each row from its own random stream (seeded by data.seed and the row's id), so that a re-run or
+    resumed shard, or another batch size, writes the same answers.
+    """
 
     backend: Literal["hf", "vllm"] = "hf"
     max_new_tokens: int = Field(64, ge=1)
+    sampling: Literal["spec", "model_default"] = "spec"
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0: off
+    min_p: float = Field(0.0, ge=0, lt=1)  # 0: off
+    repetition_penalty: float = Field(1.0, gt=0)  # 1: off; applies to greedy decoding too, as in transformers
     stop: list[str] = Field(default_factory=list)
     system_prompt: str | None = None
     enable_thinking: bool = False
@@ -335,6 +346,19 @@ class GenerationSpec(Section):
     # SmolLM2), other weights packed for MKL's GEMM (components/packed_linear.py; their size again). Same answers,
     # faster steps. Ignored on a GPU.
     pack_weights: bool = True
+
+    @model_validator(mode="after")
+    def _one_source_of_sampling(self) -> GenerationSpec:
+        # Keys left at their defaults are fine (a dumped spec, e.g. the one sent to Ray workers, holds every key).
+        given = {key for key in SAMPLING_KEYS if getattr(self, key) != type(self).model_fields[key].default}
+        if self.sampling == "model_default" and given:
+            raise ValueError(f"sampling: model_default takes {', '.join(sorted(given))} from the backbone's "
+                             "generation_config; set sampling: spec to give them here")
+        return self
+
+
+# The decoding keys that generation.sampling: model_default reads from the backbone's generation_config instead.
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class TrainingSpec(Section):

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from components.generation import ResponseGenerator, backbone_identity, check_backend
 from components.queries import QuerySelection, load_queries
-from components.spec import Spec
+from components.spec import GenerationSpec, Spec
 from components.stages import ActorPool, ShardedOutput, run_sharded
 from components.teacher import TeacherEmbedder, teacher_fingerprint
 from workflows._cli import add_spec_arguments, spec_from_args
@@ -58,9 +58,18 @@ def plan_generate(spec: Spec, create: bool = True) -> tuple[ShardedOutput, Query
             include={"backend", "max_new_tokens", "do_sample", "temperature", "top_p", "stop", "system_prompt",
                      "enable_thinking"},
         ),
-        "sampling_seed": spec.data.seed if generation.do_sample else None,
+        "sampling_seed": spec.data.seed if generation.do_sample or generation.sampling == "model_default" else None,
         "queries_sha256": selection.digest(),
     }
+    # The decoding keys added since format 2 count only when set, so that greedy runs keep their folder; sampled rows
+    # draw from per-row streams (components/generation.py row_seeds), which changed what a seed gives.
+    added = {key: value for key, value in generation.model_dump(
+        mode="json", include={"sampling", "top_k", "min_p", "repetition_penalty"}).items()
+        if value != GenerationSpec.model_fields[key].default}
+    if added:
+        inputs["decoding_added"] = added
+    if inputs["sampling_seed"] is not None:
+        inputs["seeding"] = "per-row"
     output = ShardedOutput.open(spec.run_dir / "generate", inputs, len(selection.texts), generation.shard_size, create)
     return output, selection
 
