@@ -288,6 +288,10 @@ class DataSourceSpec(Section):
     # single-turn conversations (exactly one user message, then one assistant message) are kept, and the query is
     # the user message. Used instead of text_field / template.
     messages_field: str | None = None
+    # A field holding a given answer to the query (e.g. the `answer` of McGill-NLP/llm2vec-gen-tulu, the official
+    # generations): the generate stage then passes these answers through instead of generating. Either every source
+    # of data.sources gives one or none does.
+    response_field: str | None = None
 
     @model_validator(mode="after")
     def _one_text_rule(self) -> DataSourceSpec:
@@ -311,6 +315,18 @@ class DataSpec(Section):
     holdout_fraction: float = Field(0.0, ge=0, lt=1)
     # Of the held-out rows, at most this many (a seeded sample) are scored during training, on one worker.
     holdout_max_rows: int | None = Field(2048, ge=1)
+
+    @model_validator(mode="after")
+    def _answers_everywhere_or_nowhere(self) -> DataSpec:
+        given = [source.response_field is not None for source in self.sources]
+        if any(given) and not all(given):
+            raise ValueError("sources: either every source gives its answers (response_field) or none does; "
+                             "the generate stage passes given answers through or generates all of them")
+        return self
+
+    @property
+    def given_responses(self) -> bool:
+        return bool(self.sources) and all(source.response_field is not None for source in self.sources)
 
 
 class GenerationSpec(Section):
