@@ -167,7 +167,13 @@ class TeacherSpec(Section):
     package: str | None = None
     path_in_package: str = ""
     adapters: list[str] = Field(default_factory=list)  # llm2vec: LoRA adapters applied after the MNTP one
-    pooling: Literal["mean"] = "mean"
+    # mean: over every attended token, special ones (Llama's BOS) included: the official LLM2Vec-Gen targets
+    # (llm2vec_gen/losses.py get_teacher_embeddings); mean_text (llm2vec only): over the text's own tokens, as the
+    # llm2vec package's LLM2Vec.encode pools (skip_instruction), a BOS state then not averaged into every target.
+    pooling: Literal["mean", "mean_text"] = "mean"
+    # llm2vec: merge the last adapter (e.g. SimCSE) into the weights too. Off: it stays a LoRA branch beside them, as
+    # the official trainer loads it (in bf16 a merge rounds small deltas away); on: a little faster per text.
+    merge_adapters: bool = False
     normalize: bool = True  # llm2vec: false unless given
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # llm2vec's weights
     batch_size: int = Field(64, ge=1)
@@ -197,6 +203,8 @@ class TeacherSpec(Section):
             raise ValueError(f"teacher kind '{self.kind}' needs name or package")
         if self.adapters and self.kind != "llm2vec":
             raise ValueError(f"adapters: only kind llm2vec takes adapters, not '{self.kind}'")
+        if self.pooling == "mean_text" and self.kind != "llm2vec":
+            raise ValueError(f"pooling: mean_text is for kind llm2vec, not '{self.kind}'")
         return self
 
 

@@ -141,6 +141,8 @@ def run_teach(spec: Spec, responses: Path | None = None) -> Path:
                                                             "max_tokens"}),
         "teacher_fingerprint": teacher_fingerprint(teacher, spec.backbone),
     }
+    if teacher.kind == "llm2vec":  # pooling over every attended token and an unmerged last adapter since format 1
+        inputs["llm2vec"] = {"pooling": teacher.pooling, "merge_adapters": teacher.merge_adapters}
     output = ShardedOutput.open(spec.run_dir / "teach", inputs, source.num_rows, source.shard_size)
     if output.complete:
         log.info("teach: cached at %s", output.folder)
