@@ -41,7 +41,7 @@ def test_qwen3_recipe_is_the_official_v2_recipe():
     # The same-size unsupervised LLM2Vec teacher, unnormalised mean pooling, as the official code aligns to.
     assert (spec.teacher.kind, spec.teacher.name) == ("llm2vec", "McGill-NLP/LLM2Vec-Qwen3-17B-mntp")
     assert spec.teacher.adapters == ["McGill-NLP/LLM2Vec-Qwen3-17B-mntp-unsup-simcse"]
-    assert (spec.teacher.pooling, spec.teacher.normalize) == ("mean", False)
+    assert (spec.teacher.pooling, spec.teacher.normalize, spec.teacher.merge_adapters) == ("mean", False, False)
     # The training pairs: the official generations of this backbone from the hub, passed through as given, 160,000
     # of them (5,000 steps x 32); nothing read from ../shared.
     [source] = spec.data.sources
