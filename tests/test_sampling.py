@@ -142,3 +142,69 @@ def test_sampling_never_moves_the_distribution_off_the_device():
     assert tokens.device.type == "meta" and tokens.shape == (4,)
     with pytest.raises(NotImplementedError):
         torch.multinomial(logits.softmax(-1).cpu(), 1)
+
+
+
+@pytest.mark.slow
+def test_smollm2_model_default_sampling_follows_its_generation_config(smollm2_spec):
+    # SmolLM2's own file asks for greedy decoding; given Qwen3's published sampling settings, model_default must draw
+    # the first answer token from exactly the distribution they define on SmolLM2's logits.
+    backbone = load_backbone(smollm2_spec.backbone)
+    backbone.model.generation_config.update(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
+    settings = GenerationSpec(sampling="model_default", max_new_tokens=1, batch_size=250)
+    sampling = resolve_sampling(settings, backbone.model.generation_config)
+    assert sampling == Sampling(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
+    [prompt] = tokenize_prompts(backbone.tokenizer, [render_prompt(backbone.tokenizer, "Name a colour.", settings)])
+    with torch.no_grad():
+        logits = backbone.model(torch.tensor([prompt])).logits[:, -1]
+    expected = shape_logits(logits, sampling).softmax(-1)[0]
+    count = 1000
+    results = decode_batch(backbone.model, backbone.tokenizer, [prompt] * count, settings, seeds=range(count))
+    observed: Counter = Counter()
+    for result in results:
+        observed[result.response] += 1
+    by_text: Counter = Counter()
+    for token in expected.nonzero().flatten().tolist():
+        by_text[backbone.tokenizer.decode([token], skip_special_tokens=True)] += expected[token].item()
+    assert set(observed) <= set(by_text)
+    distance = 0.5 * sum(abs(observed[text] / count - p) for text, p in by_text.items())
+    print(f"SmolLM2 model_default first-token sampling: {len(by_text)} possible texts, total variation {distance:.4f} "
+          f"over {count} draws")
+    assert distance < 0.06
+
+
+# ------------------------------------------------------------------------------- the stage: kill and resume
+
+from tests.conftest_ray import ray_local  # noqa: E402, F401 - a fixture
+
+
+def sampled_stage_spec(folder, run: str, *overrides):
+    queries = folder / "queries.jsonl"
+    if not queries.is_file():
+        words = ["what is the capital of france", "who wrote hamlet", "hi", "why is the sky blue", "name a prime",
+                 "where do penguins live", "how many legs does a spider have", "what is two plus two"]
+        queries.write_text("".join(f'{{"question": "{q}"}}\n' for q in words))
+    return load_spec("specs/tiny.yaml", [
+        f"output_dir={folder / run}", f"data.sources=[{{path: {queries}, text_field: question}}]", "data.limit=null",
+        "generation.max_new_tokens=6", "generation.shard_size=2", "generation.do_sample=true",
+        "generation.temperature=1.5", "generation.top_k=40", *overrides])
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_sampled_run_killed_and_resumed_writes_the_answers_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    from components.stages import FAIL_AT_SHARD_ENV, ShardedOutput
+    from workflows.generate import plan_generate, run_generate
+
+    whole = ShardedOutput.load(run_generate(sampled_stage_spec(tmp_path, "whole", "generation.batch_size=4")))
+    spec = sampled_stage_spec(tmp_path, "killed", "generation.batch_size=2")  # another batch size, the same answers
+    monkeypatch.setenv(FAIL_AT_SHARD_ENV, "2")
+    with pytest.raises(Exception, match="FAIL_AT_SHARD"):
+        run_generate(spec)
+    assert not plan_generate(spec)[0].complete
+    monkeypatch.delenv(FAIL_AT_SHARD_ENV)
+    resumed = ShardedOutput.load(run_generate(spec))
+    assert resumed.read().to_pylist() == whole.read().to_pylist()
+    # The sampling keys are part of the cache key; the seed too.
+    base = plan_generate(spec, create=False)[0].folder
+    for override in ("generation.top_k=5", "generation.min_p=0.1", "generation.repetition_penalty=1.2", "data.seed=3"):
+        assert plan_generate(sampled_stage_spec(tmp_path, "killed", override), create=False)[0].folder != base, override
