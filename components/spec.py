@@ -156,10 +156,10 @@ class TeacherSpec(Section):
 
     kind: sentence_transformers (a folder, hub id, or a package shipping one: `package` + `path_in_package`),
     hf_mean_pool (mean pooling of any HF encoder), backbone_mean_pool (the backbone's own mean-pooled states),
-    llm2vec (a decoder with bidirectional attention, mean pooling over the text's tokens: `name` is a hub id or
+    llm2vec (a decoder with bidirectional attention, mean pooling (see `pooling`): `name` is a hub id or
     folder of an MNTP adapter in the published layout, of a merged model, or of a teacher trained by the `teacher`
-    stage; `adapters` are applied on top in order, e.g. ...-mntp-unsup-simcse; unnormalised by default, as
-    LLM2Vec-Gen uses it). With `train` (kind llm2vec only, no name) the `teacher` stage trains it from the backbone.
+    stage; `adapters` are applied on top in order, e.g. ...-mntp-unsup-simcse, the last one unmerged unless
+    merge_adapters; unnormalised by default, as LLM2Vec-Gen uses it). With `train` (kind llm2vec only, no name) the `teacher` stage trains it from the backbone.
     """
 
     kind: Literal["sentence_transformers", "hf_mean_pool", "backbone_mean_pool", "llm2vec"]
