@@ -73,9 +73,12 @@ def build_tokenizer(architecture: str, folder: Path):
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     if architecture == "llama":  # Llama's tokenizer puts BOS before every text
         core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        specials = {"bos_token": "<s>", "eos_token": "</s>"}
     else:
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", unk_token="<unk>")
+        specials = {"eos_token": "<|endoftext|>"}
+    # Like Llama's and Qwen2's tokenizers: no token_type_ids (LLM2Vec passes every returned tensor to the model).
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
+                                        model_input_names=["input_ids", "attention_mask"], **specials)
     tokenizer.save_pretrained(folder)
     return tokenizer
 

@@ -14,7 +14,12 @@ from components.spec import TeacherSpec
 from components.teacher import LLM2VecTeacher
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llm2vec_official"
-ARCHITECTURES = ["llama", "qwen2"]
+# Llama only. The Qwen2 fixture is committed but not compared: (1) transformers 5's AutoTokenizer rebuilds a Qwen2 BPE
+# tokenizer for a model_type qwen2 folder whatever its tokenizer.json says, so the fixture's word-level tokenizer
+# gives other ids here than under transformers 4.44 (a fixture artifact: real Qwen repos ship that BPE); (2) under
+# transformers 4.44.2, llm2vec 0.2.3's Qwen2BiModel gave exactly the causal Qwen2Model's states (max diff 0.0 on 16
+# texts, benchmarks/official_llm2vec.py's venv), so its Qwen2 path is not bidirectional and not a reference for ours.
+ARCHITECTURES = ["llama"]
 pytestmark = pytest.mark.skipif(not (FIXTURES / "texts.json").is_file(), reason="fixtures not generated")
 
 
@@ -43,6 +48,7 @@ def test_the_poolings_differ_where_the_tokenizer_adds_bos():
     # Llama's tokenizer adds BOS, which the official trainer averages in and LLM2Vec.encode leaves out; Qwen2's adds none.
     llama = FIXTURES / "llama"
     assert np.abs(np.load(llama / "attended_float32.npy") - np.load(llama / "encode_float32.npy")).max() > 1e-2
+    assert np.abs(embed("llama") - embed("llama", pooling="mean_text")).max() > 1e-2
     qwen2 = FIXTURES / "qwen2"
     assert np.abs(np.load(qwen2 / "attended_float32.npy") - np.load(qwen2 / "encode_float32.npy")).max() <= 1e-5
 
