@@ -15,13 +15,18 @@ For a batch of queries:
     response_i = the new tokens before EOS, decoded, cut before the first stop string;
                  finish_reason "stop" (EOS or a stop string) or "length" (max_new_tokens reached)
 
-Greedy by default; with do_sample, temperature and top_p apply and the random stream is seeded per shard, so a
-re-run of a shard gives the same text. `generate_responses` is what the Ray actor runs; benchmarks/generation.py
+Greedy by default; with sampling (generation.do_sample, or generation.sampling: model_default for the backbone's own
+generation_config) the logits are shaped as transformers' generate() shapes them (repetition penalty, then
+temperature, top-k, top-p, min-p: shape_logits) and a token drawn by inverting each row's cumulative distribution at
+one uniform number from that row's own random stream (seeded by data.seed and the row's id): all on the model's
+device, only B numbers cross to it per step, and a row's answer depends neither on its batch nor on its shard, so a
+re-run or resumed shard writes the same text. `generate_responses` is what the Ray actor runs; benchmarks/generation.py
 times its two steps (length_batches, decode_batch) against a plain `model.generate` loop.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,7 +39,7 @@ from components.backbone import build_byte_tokenizer, load_backbone, resolve_fol
 from components.kv_cache import reserved_cache
 from components.model import pad_rows
 from components.packed_linear import pack_linears
-from components.spec import BackboneSpec, GenerationSpec
+from components.spec import SAMPLING_KEYS, BackboneSpec, GenerationSpec
 
 RESPONSE_SCHEMA = pa.schema([
     ("id", pa.int64()),
@@ -98,6 +103,84 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return {token for token in ids if token is not None}
 
 
+# ------------------------------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The decoding rule, resolved: from the spec, or from the backbone's generation_config (sampling: model_default)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+def resolve_sampling(generation: GenerationSpec, generation_config=None) -> Sampling:
+    """The spec's keys, or (model_default) the generation_config's, an unset one meaning off as in transformers 5."""
+    if generation.sampling == "spec":
+        return Sampling(**{key: getattr(generation, key) for key in SAMPLING_KEYS})
+    if generation_config is None:
+        raise GenerationError("generation.sampling: model_default needs the backbone's generation_config")
+    values = {key: getattr(generation_config, key, None) for key in SAMPLING_KEYS}
+    return Sampling(**{key: value for key, value in values.items() if value is not None})
+
+
+def row_seeds(seed: int, ids: Sequence[int]) -> list[int]:
+    """One seed per row from the run's seed and the row's id: a row's stream does not depend on its shard or batch."""
+    return [seed * 1_000_003 + row_id for row_id in ids]
+
+
+def shape_logits(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) logits -> float32 scores, -inf where a token cannot be drawn, as transformers' generate() shapes them:
+    RepetitionPenaltyLogitsProcessor (over `seen`, the (B, V) tokens of each row's prompt and answer so far), then
+    when sampling TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, in that order."""
+    scores = logits.float()
+    if sampling.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(scores < 0, scores * sampling.repetition_penalty, scores / sampling.repetition_penalty)
+        scores = torch.where(seen, penalised, scores)
+    if not sampling.do_sample:
+        return scores
+    scores = scores / sampling.temperature
+    if sampling.top_k and sampling.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampling.top_k, dim=-1).values[:, -1:]  # (B, 1): ties with the k-th stay in
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ascending, order = torch.sort(scores, dim=-1)
+        # Drop the least likely tokens whose total mass is at most 1 - top_p; the most likely one always stays.
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
+        drop[:, -1] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if sampling.min_p > 0:
+        probs = scores.softmax(-1)
+        floor = sampling.min_p * probs.max(dim=-1, keepdim=True).values
+        scores = scores.masked_fill(probs < floor, float("-inf"))
+    return scores
+
+
+def next_tokens(scores: torch.Tensor, sampling: Sampling, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) shaped scores -> (B,) token ids: argmax, or the inverse of each row's cumulative distribution at its
+    uniform number in [0, 1) (B values on the scores' device): an exact draw, and no (B, V) tensor leaves the device."""
+    if not sampling.do_sample:
+        return scores.argmax(-1)
+    cumulative = scores.softmax(-1).double().cumsum(-1)  # (B, V)
+    targets = uniforms.to(cumulative.dtype).unsqueeze(1) * cumulative[:, -1:]  # (B, 1)
+    tokens = torch.searchsorted(cumulative, targets, right=True).squeeze(1)
+    return tokens.clamp(max=scores.shape[-1] - 1)
+
+
+class RowStreams:
+    """One random stream per row (random.Random: cheap, exact, the same on every machine), one number per step."""
+
+    def __init__(self, seeds: Sequence[int]):
+        self.streams = [random.Random(seed) for seed in seeds]
+
+    def uniforms(self, rows: Sequence[int], device: torch.device) -> torch.Tensor:
+        return torch.tensor([self.streams[row].random() for row in rows], dtype=torch.float64, device=device)
+
+
 # ------------------------------------------------------------------------------------------------- decoding
 
 
@@ -107,13 +190,15 @@ def generate_responses(
     queries: Sequence[str],
     generation: GenerationSpec,
     seed: int = 0,
+    ids: Sequence[int] | None = None,
 ) -> list[Generated]:
-    """Answers to `queries`, in their order, decoded in length-grouped batches."""
+    """Answers to `queries`, in their order, decoded in length-grouped batches; sampled rows draw from streams seeded
+    by `seed` and their `ids` (default: their positions)."""
     prompts = tokenize_prompts(tokenizer, [render_prompt(tokenizer, query, generation) for query in queries])
-    rng = torch.Generator().manual_seed(seed) if generation.do_sample else None
+    seeds = row_seeds(seed, ids if ids is not None else range(len(queries)))
     results: list[Generated | None] = [None] * len(queries)
     for batch in length_batches([len(prompt) for prompt in prompts], generation.batch_size):
-        answers = decode_batch(model, tokenizer, [prompts[i] for i in batch], generation, rng)
+        answers = decode_batch(model, tokenizer, [prompts[i] for i in batch], generation, [seeds[i] for i in batch])
         for index, answer in zip(batch, answers, strict=True):
             results[index] = answer
     return results  # type: ignore[return-value]
@@ -125,11 +210,19 @@ def decode_batch(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
     generation: GenerationSpec,
-    rng: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[Generated]:
-    """Continue each prompt until EOS, a stop string or max_new_tokens (see kept_width for finished rows)."""
+    """Continue each prompt until EOS, a stop string or max_new_tokens (see kept_width for finished rows); sampled
+    rows draw from streams seeded by `seeds` (default: their positions)."""
     device = model.device
     eos = stop_token_ids(model, tokenizer)
+    sampling = resolve_sampling(generation, model.generation_config)
+    streams = RowStreams(seeds if seeds is not None else range(len(prompts))) if sampling.do_sample else None
+    seen = None  # (B, V) tokens of each row's prompt and answer so far, on the device: for the repetition penalty
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            seen[row, torch.tensor(prompt, device=device)] = True
     cache = decoding_cache(model, max(len(prompt) for prompt in prompts) + generation.max_new_tokens)
     # The chat template's opening (system prompt included) is the same for every prompt: run it once, share its cache.
     shared = shared_prefix_length(prompts)
@@ -150,7 +243,11 @@ def decode_batch(
     new_tokens: list[list[int]] = [[] for _ in prompts]
     finish = ["length"] * len(prompts)
     for step in range(generation.max_new_tokens):
-        for index, token in zip(rows, next_tokens(logits, generation, rng).tolist(), strict=True):
+        uniforms = streams.uniforms(rows, device) if streams else None
+        chosen = next_tokens(shape_logits(logits, sampling, seen), sampling, uniforms)  # (b,)
+        if seen is not None:
+            seen[torch.arange(len(rows), device=device), chosen] = True
+        for index, token in zip(rows, chosen.tolist(), strict=True):
             if done[index]:
                 continue
             if token in eos:
@@ -168,6 +265,7 @@ def decode_batch(
             keep = torch.tensor(sorted(answering + finished[: width - len(answering)]), device=device)
             cache.batch_select_indices(keep)
             mask, positions = mask[keep], positions[keep]
+            seen = seen[keep] if seen is not None else None
             rows = [rows[row] for row in keep.tolist()]
         # A finished row still in the batch is fed padding; what it computes is never read.
         feed = torch.tensor([[tokenizer.pad_token_id if done[i] else new_tokens[i][-1]] for i in rows], device=device)
@@ -211,20 +309,6 @@ def kept_width(answering: int, width: int) -> int:
     return width
 
 
-def next_tokens(logits: torch.Tensor, generation: GenerationSpec, rng: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids: argmax, or a draw from the temperature- and top-p-shaped distribution."""
-    if not generation.do_sample:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / generation.temperature, dim=-1)
-    if generation.top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest set of tokens whose mass reaches top_p (the most likely token always stays).
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= generation.top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs.cpu(), 1, generator=rng).squeeze(1).to(logits.device)
-
-
 def shared_prefix_length(prompts: list[list[int]]) -> int:
     """How many leading tokens all prompts share, leaving each at least one token of its own; 0 for one prompt."""
     if len(prompts) < 2:
@@ -255,10 +339,9 @@ class ResponseGenerator:
     def __call__(self, shard: pa.Table) -> pa.Table:
         ids = shard.column("id").to_pylist()
         queries = shard.column("query").to_pylist()
-        # The random stream depends on the shard, not on which actor runs it or when.
-        seed = self.seed * 1_000_003 + (ids[0] if ids else 0)
+        # Each row's random stream depends on the run's seed and its id, not on which actor runs it, when, or beside what.
         with self.packed or nullcontext():
-            results = generate_responses(self.backbone.model, self.backbone.tokenizer, queries, self.generation, seed)
+            results = generate_responses(self.backbone.model, self.backbone.tokenizer, queries, self.generation, self.seed, ids)
         return responses_table(ids, queries, results)
 
 

@@ -7,8 +7,11 @@ Three steps make the encoder, and this file has each as a small piece:
                                  LoRA adapter, then merged into the weights
     3. unsupervised SimCSE       a text's two dropout views are positives, the other texts of the batch negatives:
                                  a second LoRA adapter on top of the merged MNTP weights
-An embedding is the mean of the last hidden states over the text's own tokens (no special tokens), not normalised:
-what LLM2Vec-Gen uses as its alignment target.
+An embedding is the mean of the last hidden states over every attended token of the text (BOS included where the
+tokenizer adds one), not normalised: what the official LLM2Vec-Gen trainer aligns to (get_teacher_embeddings); with
+pooling "mean_text", over the text's own tokens only, as the llm2vec package's LLM2Vec.encode pools. The last adapter
+stays unmerged by default, as the official trainer loads it. tests/test_llm2vec_official.py compares both poolings
+with the llm2vec package itself (fixtures made by benchmarks/official_llm2vec.py).
 
 Bidirectional attention. transformers 5 builds the attention mask inside the model (masking_utils.create_causal_mask)
 and returns a mask that is already 4-D unchanged; the sdpa kernel is told to be causal only when it gets no mask and
@@ -128,24 +131,26 @@ def tokenize(tokenizer, texts: Sequence[str], max_tokens: int, device: torch.dev
     return TokenBatch(encoded["input_ids"].to(device), attention.to(device), pool.to(device))
 
 
-def embed_batch(decoder: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
-    """(B, H) mean-pooled bidirectional states of one tokenized batch (with grad if the caller allows it)."""
+def embed_batch(decoder: torch.nn.Module, batch: TokenBatch, pooling: str = "mean_text") -> torch.Tensor:
+    """(B, H) mean-pooled bidirectional states of one tokenized batch (with grad if the caller allows it): over every
+    attended token (pooling "mean") or over the text's own tokens ("mean_text")."""
     if batch.input_ids.shape[1] == 0:
         hidden_size = decoder.config.hidden_size
         return torch.zeros(batch.input_ids.shape[0], hidden_size, device=batch.input_ids.device)
-    return mean_pool(encoder_states(decoder, batch.input_ids, batch.attention_mask), batch.pool_mask)
+    pool = batch.attention_mask if pooling == "mean" else batch.pool_mask
+    return mean_pool(encoder_states(decoder, batch.input_ids, batch.attention_mask), pool)
 
 
 @torch.inference_mode()
 def embed_texts(decoder, tokenizer, texts: Sequence[str], batch_size: int, max_tokens: int,
-                normalize: bool = False) -> np.ndarray:
+                normalize: bool = False, pooling: str = "mean_text") -> np.ndarray:
     """(N, H) float32 vectors of `texts`, in input order; batches of similar length waste little on padding."""
     device = next(decoder.parameters()).device
     out = np.zeros((len(texts), decoder.config.hidden_size), dtype=np.float32)
     order = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
-        vectors = embed_batch(decoder, tokenize(tokenizer, [texts[i] for i in chosen], max_tokens, device)).float()
+        vectors = embed_batch(decoder, tokenize(tokenizer, [texts[i] for i in chosen], max_tokens, device), pooling).float()
         if normalize:
             vectors = F.normalize(vectors, dim=-1)
         out[chosen] = vectors.cpu().numpy()
@@ -181,7 +186,8 @@ def locate(name: str, adapters: Sequence[str] = ()) -> Located:
         if not base:
             raise LLM2VecError(f"teacher.name: adapter {name} does not name its base model (base_model_name_or_path)")
         chain.append(name)
-        tokenizer = name if _has_tokenizer(name) else base
+        # The adapter repo's tokenizer, as the official trainer takes it (a hub repo: the published ones ship it).
+        tokenizer = name if not folder.is_dir() or _has_tokenizer(name) else base
     else:
         base, tokenizer = name, name
     chain += [str(Path(a).expanduser()) if Path(a).expanduser().exists() else a for a in adapters]
@@ -189,8 +195,9 @@ def locate(name: str, adapters: Sequence[str] = ()) -> Located:
 
 
 def load_llm2vec(name: str, adapters: Sequence[str] = (), dtype: str = "float32", attn_implementation: str = "sdpa",
-                 device: str | torch.device = "cpu"):
-    """(bidirectional decoder base model in eval mode, tokenizer): the base, each adapter merged in order."""
+                 device: str | torch.device = "cpu", merge_last: bool = True):
+    """(bidirectional decoder base model in eval mode, tokenizer): the base, each adapter merged in order; with
+    merge_last False the last adapter stays a LoRA branch (peft), as the official LLM2Vec-Gen trainer loads it."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     located = locate(name, adapters)
@@ -201,22 +208,27 @@ def load_llm2vec(name: str, adapters: Sequence[str] = (), dtype: str = "float32"
     config._attn_implementation = attn_implementation  # checked before any weight is read
     check_bidirectional_support(config)
     model = AutoModel.from_pretrained(located.base, dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
-    for adapter in located.adapters:
-        model = merge_adapter(model, adapter)
+    for index, adapter in enumerate(located.adapters):
+        last = index == len(located.adapters) - 1
+        model = merge_adapter(model, adapter) if merge_last or not last else attach_adapter(model, adapter)
     tokenizer = AutoTokenizer.from_pretrained(located.tokenizer)
     return make_bidirectional(model).to(device).eval(), tokenizer
 
 
 def merge_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
     """`model` with the LoRA adapter at `adapter` merged into its weights, after checking that it fits."""
+    return attach_adapter(model, adapter).merge_and_unload()
+
+
+def attach_adapter(model: torch.nn.Module, adapter: str):
+    """`model` with the LoRA adapter at `adapter` beside its weights (a peft model), after checking that it fits."""
     from peft import PeftModel
 
     check_adapter_fits(model, adapter)
     try:
-        wrapped = PeftModel.from_pretrained(model, adapter)
+        return PeftModel.from_pretrained(model, adapter)
     except (ValueError, RuntimeError, KeyError) as err:
         raise LLM2VecError(f"teacher.adapters: adapter {adapter} does not fit the base model: {err}") from None
-    return wrapped.merge_and_unload()
 
 
 def check_adapter_fits(model: torch.nn.Module, adapter: str) -> None:

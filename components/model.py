@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from components.backbone import Backbone, BackboneSpec, load_backbone
+from components.checkpointing import checkpointed_layers
 from components.spec import LossSpec, Spec
 
 CONFIG_FILE = "llm2vec_gen.json"
@@ -92,6 +93,7 @@ class LLM2VecGen(nn.Module):
         object.__setattr__(self, "backbone", backbone.model)  # shared by the encoding and reconstruction passes
         self.backbone_info = backbone
         self.cache_query_prefix = True  # see compression_states; False gives the plain single pass
+        self.gradient_checkpointing = False  # training.gradient_checkpointing: components/checkpointing.py
         self.tokenizer = backbone.tokenizer
         self.tokenizer.add_special_tokens(
             {"additional_special_tokens": config.special_tokens}, replace_extra_special_tokens=False
@@ -187,7 +189,10 @@ class LLM2VecGen(nn.Module):
             ).last_hidden_state  # (B, K, H)
         else:
             inputs = torch.cat([tokens, special], dim=1)  # (B, Lq + K, H)
-            hidden = self.backbone.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
+            with checkpointed_layers(self.backbone, self.gradient_checkpointing):
+                hidden = self.backbone.base_model(
+                    inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False
+                ).last_hidden_state
         return upcast(hidden[:, -self.config.compression_tokens :])  # (B, C, H)
 
     def project(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +235,8 @@ class LLM2VecGen(nn.Module):
         responses = self.backbone.get_input_embeddings()(response_ids)  # (B, R, H)
         inputs = torch.cat([z.to(self._dtype), responses], dim=1)  # (B, C + R, H)
         mask = torch.cat([response_mask.new_ones(batch, num_compression), response_mask], dim=1)
-        hidden = self.backbone.base_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        with checkpointed_layers(self.backbone, self.gradient_checkpointing):
+            hidden = self.backbone.base_model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
         # Position C-1+j reads z and y_<j, and predicts y_j. Right padding keeps positions exact.
         predictors = hidden[:, num_compression - 1 : -1]  # (B, R, H)
         real = response_mask.bool()

@@ -11,6 +11,10 @@ position (the query id) can name shards of the stage outputs across restarts. Wi
 the limit in proportion to their weights (a source short of its share leaves the rest to the others); the
 final order is shuffled with `data.seed`, so any prefix of the queries mixes all sources.
 
+A source with `response_field` also gives each query's answer (the official generations, McGill-NLP/llm2vec-gen-tulu):
+a row whose answer is missing or not a string is skipped like a bad query, and the answers travel with their queries
+through sampling, mixing and shuffling (QuerySelection.responses).
+
 Relative paths resolve against the current working directory (the repository root when run as documented).
 """
 
@@ -66,17 +70,24 @@ class QuerySelection:
 
     texts: list[str]
     report: list[SourceReport]
+    responses: list[str] | None = None  # the given answers, one per text (sources with response_field)
 
     def table(self) -> pa.Table:
         ids = pa.array(range(len(self.texts)), pa.int64())
-        return pa.table({"id": ids, "query": pa.array(self.texts, pa.string())})
+        columns = {"id": ids, "query": pa.array(self.texts, pa.string())}
+        if self.responses is not None:
+            columns["response"] = pa.array(self.responses, pa.string())
+        return pa.table(columns)
 
     def digest(self) -> str:
-        """A hash of the texts in order: two selections with the same digest give the same stage outputs."""
+        """A hash of the texts (and given answers) in order: the same digest gives the same stage outputs."""
         digest = hashlib.sha256()
         for text in self.texts:
             digest.update(text.encode())
             digest.update(b"\0")
+        for response in self.responses or ():
+            digest.update(response.encode())
+            digest.update(b"\1")
         return digest.hexdigest()
 
     def report_dict(self) -> dict[str, Any]:
@@ -106,7 +117,7 @@ def load_queries(data: DataSpec) -> QuerySelection:
     if not data.sources:
         raise DataError("data.sources: no sources given; add at least one {path, text_field} entry")
     seen: set[str] = set()
-    usable: list[list[str]] = []
+    usable: list[list] = []  # per source: query texts, or (query, given answer) pairs
     reports: list[SourceReport] = []
     for index, source in enumerate(data.sources):
         key = f"data.sources[{index}]"
@@ -115,11 +126,14 @@ def load_queries(data: DataSpec) -> QuerySelection:
         for record in read_records(source, key):
             report.rows += 1
             text, reason = query_text(record, source, data.max_query_chars)
+            answer = None
+            if reason is None and source.response_field is not None:
+                answer, reason = given_response(record, source.response_field)
             if reason is None and data.dedup:
                 reason = "duplicate" if text in seen else None
                 seen.add(text)
             if reason is None:
-                texts.append(text)
+                texts.append(text if answer is None else (text, answer))
             else:
                 report.skipped[reason] += 1
         texts = _sample(texts, source.limit, data.seed, index)
@@ -136,7 +150,20 @@ def load_queries(data: DataSpec) -> QuerySelection:
         summary = "; ".join(f"{r.key}: {r.rows} rows, skipped {dict(r.skipped)}" for r in reports)
         raise DataError(f"data: no usable queries ({summary})")
     order = np.random.default_rng([data.seed, 1]).permutation(len(chosen))
-    return QuerySelection(texts=[chosen[i] for i in order], report=reports)
+    chosen = [chosen[i] for i in order]
+    if data.given_responses:
+        return QuerySelection(texts=[text for text, _ in chosen], report=reports, responses=[a for _, a in chosen])
+    return QuerySelection(texts=chosen, report=reports)
+
+
+def given_response(record: dict, field: str) -> tuple[str | None, str | None]:
+    """(answer, None), or (None, why the row is skipped): a given answer must be a string (it may be empty: an empty
+    answer is kept with its query, as a generated one would be, and the train stage leaves it out)."""
+    if field not in record:
+        return None, "missing_field"
+    if not isinstance(record[field], str):
+        return None, "not_string"
+    return record[field].strip(), None
 
 
 def mix_quotas(available: list[int], weights: list[float], limit: int | None) -> list[int]:
@@ -217,9 +244,11 @@ def _single_turn_query(record: dict, field: str, max_chars: int) -> tuple[str | 
 
 def source_columns(source: DataSourceSpec) -> list[str]:
     """The fields a source's text rule reads (the only columns worth reading from a wide file)."""
+    answers = [source.response_field] if source.response_field is not None else []
     if source.messages_field is not None:
-        return [source.messages_field]
-    return [source.text_field] if source.text_field is not None else template_fields(source.template)
+        return [source.messages_field, *answers]
+    texts = [source.text_field] if source.text_field is not None else template_fields(source.template)
+    return texts + answers
 
 
 def template_fields(template: str) -> list[str]:

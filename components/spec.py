@@ -156,10 +156,10 @@ class TeacherSpec(Section):
 
     kind: sentence_transformers (a folder, hub id, or a package shipping one: `package` + `path_in_package`),
     hf_mean_pool (mean pooling of any HF encoder), backbone_mean_pool (the backbone's own mean-pooled states),
-    llm2vec (a decoder with bidirectional attention, mean pooling over the text's tokens: `name` is a hub id or
+    llm2vec (a decoder with bidirectional attention, mean pooling (see `pooling`): `name` is a hub id or
     folder of an MNTP adapter in the published layout, of a merged model, or of a teacher trained by the `teacher`
-    stage; `adapters` are applied on top in order, e.g. ...-mntp-unsup-simcse; unnormalised by default, as
-    LLM2Vec-Gen uses it). With `train` (kind llm2vec only, no name) the `teacher` stage trains it from the backbone.
+    stage; `adapters` are applied on top in order, e.g. ...-mntp-unsup-simcse, the last one unmerged unless
+    merge_adapters; unnormalised by default, as LLM2Vec-Gen uses it). With `train` (kind llm2vec only, no name) the `teacher` stage trains it from the backbone.
     """
 
     kind: Literal["sentence_transformers", "hf_mean_pool", "backbone_mean_pool", "llm2vec"]
@@ -167,7 +167,13 @@ class TeacherSpec(Section):
     package: str | None = None
     path_in_package: str = ""
     adapters: list[str] = Field(default_factory=list)  # llm2vec: LoRA adapters applied after the MNTP one
-    pooling: Literal["mean"] = "mean"
+    # mean: over every attended token, special ones (Llama's BOS) included: the official LLM2Vec-Gen targets
+    # (llm2vec_gen/losses.py get_teacher_embeddings); mean_text (llm2vec only): over the text's own tokens, as the
+    # llm2vec package's LLM2Vec.encode pools (skip_instruction), a BOS state then not averaged into every target.
+    pooling: Literal["mean", "mean_text"] = "mean"
+    # llm2vec: merge the last adapter (e.g. SimCSE) into the weights too. Off: it stays a LoRA branch beside them, as
+    # the official trainer loads it (in bf16 a merge rounds small deltas away); on: a little faster per text.
+    merge_adapters: bool = False
     normalize: bool = True  # llm2vec: false unless given
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # llm2vec's weights
     batch_size: int = Field(64, ge=1)
@@ -197,6 +203,8 @@ class TeacherSpec(Section):
             raise ValueError(f"teacher kind '{self.kind}' needs name or package")
         if self.adapters and self.kind != "llm2vec":
             raise ValueError(f"adapters: only kind llm2vec takes adapters, not '{self.kind}'")
+        if self.pooling == "mean_text" and self.kind != "llm2vec":
+            raise ValueError(f"pooling: mean_text is for kind llm2vec, not '{self.kind}'")
         return self
 
 
@@ -288,6 +296,10 @@ class DataSourceSpec(Section):
     # single-turn conversations (exactly one user message, then one assistant message) are kept, and the query is
     # the user message. Used instead of text_field / template.
     messages_field: str | None = None
+    # A field holding a given answer to the query (e.g. the `answer` of McGill-NLP/llm2vec-gen-tulu, the official
+    # generations): the generate stage then passes these answers through instead of generating. Either every source
+    # of data.sources gives one or none does.
+    response_field: str | None = None
 
     @model_validator(mode="after")
     def _one_text_rule(self) -> DataSourceSpec:
@@ -312,15 +324,38 @@ class DataSpec(Section):
     # Of the held-out rows, at most this many (a seeded sample) are scored during training, on one worker.
     holdout_max_rows: int | None = Field(2048, ge=1)
 
+    @model_validator(mode="after")
+    def _answers_everywhere_or_nowhere(self) -> DataSpec:
+        given = [source.response_field is not None for source in self.sources]
+        if any(given) and not all(given):
+            raise ValueError("sources: either every source gives its answers (response_field) or none does; "
+                             "the generate stage passes given answers through or generates all of them")
+        return self
+
+    @property
+    def given_responses(self) -> bool:
+        return bool(self.sources) and all(source.response_field is not None for source in self.sources)
+
 
 class GenerationSpec(Section):
-    """How the frozen LLM answers each query (greedy by default)."""
+    """How the frozen LLM answers each query (greedy by default).
+
+    sampling: spec (the keys below: greedy unless do_sample) or model_default (the backbone's own generation_config:
+    do_sample, temperature, top_p, top_k, min_p, repetition_penalty; what the official response_generation.py gets
+    from model.generate(), e.g. Qwen3's temperature 0.6, top-p 0.95, top-k 20). Sampled answers are drawn on the
+    model's device, each row from its own random stream (seeded by data.seed and the row's id), so that a re-run or
+    resumed shard, or another batch size, writes the same answers.
+    """
 
     backend: Literal["hf", "vllm"] = "hf"
     max_new_tokens: int = Field(64, ge=1)
+    sampling: Literal["spec", "model_default"] = "spec"
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0: off
+    min_p: float = Field(0.0, ge=0, lt=1)  # 0: off
+    repetition_penalty: float = Field(1.0, gt=0)  # 1: off; applies to greedy decoding too, as in transformers
     stop: list[str] = Field(default_factory=list)
     system_prompt: str | None = None
     enable_thinking: bool = False
@@ -336,6 +371,19 @@ class GenerationSpec(Section):
     # faster steps. Ignored on a GPU.
     pack_weights: bool = True
 
+    @model_validator(mode="after")
+    def _one_source_of_sampling(self) -> GenerationSpec:
+        # Keys left at their defaults are fine (a dumped spec, e.g. the one sent to Ray workers, holds every key).
+        given = {key for key in SAMPLING_KEYS if getattr(self, key) != type(self).model_fields[key].default}
+        if self.sampling == "model_default" and given:
+            raise ValueError(f"sampling: model_default takes {', '.join(sorted(given))} from the backbone's "
+                             "generation_config; set sampling: spec to give them here")
+        return self
+
+
+# The decoding keys that generation.sampling: model_default reads from the backbone's generation_config instead.
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
 
 class TrainingSpec(Section):
     lr: float = Field(3e-4, gt=0)
@@ -345,6 +393,13 @@ class TrainingSpec(Section):
     max_steps: int = Field(5000, ge=1)  # where to stop
     schedule_steps: int | None = Field(None, ge=1)  # length of the LR schedule; default max_steps
     warmup_steps: int = Field(100, ge=0)
+    # The LR's shape over schedule_steps (components/training.py lr_factor): linear is transformers'
+    # get_linear_schedule_with_warmup, the official one (the recipes); cosine and constant warm up one step earlier.
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    # Recompute the frozen backbone's layer activations in the backward pass of the reconstruction pass and of an
+    # uncached encoding pass instead of keeping them (the official trainer's gradient_checkpointing): less memory
+    # (8B backbones on 40 GB cards), same losses and gradients, more time per step (docs/fidelity.md has the figures).
+    gradient_checkpointing: bool = False
     grad_clip: float = Field(1.0, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"

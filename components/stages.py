@@ -205,7 +205,9 @@ def run_sharded(
     if not pending:
         return []
     if not ray.is_initialized():
-        ray.init()  # a local Ray, or the cluster named by RAY_ADDRESS
+        from components.ray_env import connect
+
+        connect()  # a local Ray, or the cluster named by RAY_ADDRESS; the hub variables reach every worker
     fail_at = os.environ.get(FAIL_AT_SHARD_ENV)
     log.info("%s: %d of %d shards to process on %d actor(s)", output.folder, len(pending), output.num_shards,
              min(pool.size, len(pending)))

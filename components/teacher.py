@@ -145,21 +145,23 @@ def load_teacher(teacher: TeacherSpec, backbone: BackboneSpec, device: str = "cp
 
 
 class LLM2VecTeacher:
-    """Bidirectional decoder + merged adapters; e = mean of the last hidden states over the text's own tokens."""
+    """Bidirectional decoder + adapters (the last one unmerged unless merge_adapters); e = the mean of the last hidden
+    states over every attended token (pooling mean) or the text's own tokens (mean_text)."""
 
     def __init__(self, teacher: TeacherSpec, device: str):
         from components.llm2vec import load_llm2vec
 
         teacher_location(teacher)  # the name must be set
         self.spec = teacher
-        self.encoder, self.tokenizer = load_llm2vec(teacher.name, teacher.adapters, teacher.dtype, device=device)
+        self.encoder, self.tokenizer = load_llm2vec(teacher.name, teacher.adapters, teacher.dtype, device=device,
+                                                    merge_last=teacher.merge_adapters)
         self.dimension = self.encoder.config.hidden_size
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         from components.llm2vec import embed_texts
 
         return embed_texts(self.encoder, self.tokenizer, list(texts), self.spec.batch_size, self.spec.max_tokens,
-                           normalize=self.spec.normalize)
+                           normalize=self.spec.normalize, pooling=self.spec.pooling)
 
 
 class SentenceTransformerTeacher:

@@ -84,10 +84,25 @@ def batch_schedule(lengths: list[int], spec: TrainingSpec, rank: int, world_size
         step += 1
 
 
-def lr_factor(step: int, warmup_steps: int, schedule_steps: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at schedule_steps (the stop step may come earlier)."""
+def lr_factor(step: int, warmup_steps: int, schedule_steps: int, kind: str = "cosine") -> float:
+    """The LR multiplier at optimizer step `step` (0-based) of a `schedule_steps`-long schedule (the stop step may come
+    earlier).
+
+    linear:   transformers' get_linear_schedule_with_warmup, the official schedule (lr_scheduler_type linear):
+              step / warmup during the warmup (step 0 at 0), then a straight line to 0 at schedule_steps
+    cosine:   (step + 1) / warmup during the warmup (the first step already learns), then a half cosine to 0
+    constant: the same warmup as cosine, then 1
+    """
+    if kind == "linear":
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (schedule_steps - step) / max(1, schedule_steps - warmup_steps))
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    if kind != "cosine":
+        raise ValueError(f"training.schedule: unknown kind {kind!r} (linear, cosine or constant)")
     progress = min(1.0, (step - warmup_steps) / max(1, schedule_steps - warmup_steps))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -160,7 +160,7 @@ def run_evaluation(
     if evaluation.with_oracle:
         from components.evaluation.oracle import AnswerCache, OracleEmbedder
 
-        greedy_settings = (generation or GenerationSpec()).model_copy(update={"do_sample": False})
+        greedy_settings = (generation or GenerationSpec()).model_copy(update={"do_sample": False, "sampling": "spec"})
         cache = AnswerCache(oracle_dir or evaluation.oracle_dir or "runs/oracle", model.config.backbone, greedy_settings)
         embedders["oracle"] = OracleEmbedder(cache, loaded_teacher, oracle_prompts)
         descriptions["oracle"] = (

@@ -27,9 +27,18 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from components.generation import ResponseGenerator, backbone_identity, check_backend
+from components.generation import (
+    Generated,
+    ResponseGenerator,
+    backbone_identity,
+    check_backend,
+    load_tokenizer,
+    render_prompt,
+    responses_table,
+    tokenize_prompts,
+)
 from components.queries import QuerySelection, load_queries
-from components.spec import Spec
+from components.spec import GenerationSpec, Spec
 from components.stages import ActorPool, ShardedOutput, run_sharded
 from components.teacher import TeacherEmbedder, teacher_fingerprint
 from workflows._cli import add_spec_arguments, spec_from_args
@@ -58,9 +67,20 @@ def plan_generate(spec: Spec, create: bool = True) -> tuple[ShardedOutput, Query
             include={"backend", "max_new_tokens", "do_sample", "temperature", "top_p", "stop", "system_prompt",
                      "enable_thinking"},
         ),
-        "sampling_seed": spec.data.seed if generation.do_sample else None,
+        "sampling_seed": spec.data.seed if generation.do_sample or generation.sampling == "model_default" else None,
         "queries_sha256": selection.digest(),
     }
+    # The decoding keys added since format 2 count only when set, so that greedy runs keep their folder; sampled rows
+    # draw from per-row streams (components/generation.py row_seeds), which changed what a seed gives.
+    added = {key: value for key, value in generation.model_dump(
+        mode="json", include={"sampling", "top_k", "min_p", "repetition_penalty"}).items()
+        if value != GenerationSpec.model_fields[key].default}
+    if added:
+        inputs["decoding_added"] = added
+    if inputs["sampling_seed"] is not None:
+        inputs["seeding"] = "per-row"
+    if selection.responses is not None:  # answers given by the data (response_field): nothing is decoded
+        inputs["given_responses"] = True
     output = ShardedOutput.open(spec.run_dir / "generate", inputs, len(selection.texts), generation.shard_size, create)
     return output, selection
 
@@ -74,13 +94,16 @@ def run_generate(spec: Spec) -> Path:
     log.info("generate: %s", selection.describe())
     started = time.perf_counter()
     table = selection.table()
-    written = run_sharded(
-        output,
-        lambda shard: table.slice(shard * output.shard_size, output.shard_size),
-        ResponseGenerator,
-        (spec.backbone, spec.generation, spec.data.seed),
-        ActorPool.of(spec.generation),
-    )
+    if selection.responses is not None:
+        written = pass_given_responses(output, table, spec)
+    else:
+        written = run_sharded(
+            output,
+            lambda shard: table.slice(shard * output.shard_size, output.shard_size),
+            ResponseGenerator,
+            (spec.backbone, spec.generation, spec.data.seed),
+            ActorPool.of(spec.generation),
+        )
     manifest = output.finish(
         {"stage": "generate", **response_counts(output), "data": selection.report_dict(),
          "shards_written_by_last_run": len(written), "seconds_last_run": round(time.perf_counter() - started, 1)}
@@ -88,6 +111,22 @@ def run_generate(spec: Spec) -> Path:
     log.info("generate: done at %s: %d rows, finish reasons %s", output.folder, manifest["rows"],
              json.dumps(manifest["finish_reasons"]))
     return output.folder
+
+
+def pass_given_responses(output: ShardedOutput, table, spec: Spec) -> list[int]:
+    """The data's own answers (data.sources[].response_field) written as the generate stage's shards, in-process:
+    no model runs. Token counts are the backbone tokenizer's, as for generated answers; finish_reason is "given"."""
+    tokenizer = load_tokenizer(spec.backbone)
+    pending = output.missing_shards()
+    for shard in pending:
+        rows = table.slice(shard * output.shard_size, output.shard_size)
+        queries, responses = rows.column("query").to_pylist(), rows.column("response").to_pylist()
+        prompts = tokenize_prompts(tokenizer, [render_prompt(tokenizer, query, spec.generation) for query in queries])
+        answers = tokenizer(responses, add_special_tokens=False)["input_ids"]
+        results = [Generated(response, len(prompt), len(answer), "given")
+                   for response, prompt, answer in zip(responses, prompts, answers, strict=True)]
+        output.write_shard(shard, responses_table(rows.column("id").to_pylist(), queries, results))
+    return pending
 
 
 def run_teach(spec: Spec, responses: Path | None = None) -> Path:
@@ -102,6 +141,8 @@ def run_teach(spec: Spec, responses: Path | None = None) -> Path:
                                                             "max_tokens"}),
         "teacher_fingerprint": teacher_fingerprint(teacher, spec.backbone),
     }
+    if teacher.kind == "llm2vec":  # pooling over every attended token and an unmerged last adapter since format 1
+        inputs["llm2vec"] = {"pooling": teacher.pooling, "merge_adapters": teacher.merge_adapters}
     output = ShardedOutput.open(spec.run_dir / "teach", inputs, source.num_rows, source.shard_size)
     if output.complete:
         log.info("teach: cached at %s", output.folder)

@@ -176,8 +176,10 @@ def _connect_ray(stages: list[str]) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    from components.ray_env import connect
+
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        connect(log_to_driver=True)  # the hub token and cache location reach every worker (components/ray_env.py)
 
 
 def summary(spec: Spec, results: dict[str, Any], timings: dict[str, float]) -> str:

@@ -116,7 +116,9 @@ def run_sweep(spec: Spec) -> dict[str, Any]:
             run_config=tune.RunConfig(name=name, storage_path=str(folder)),
         )
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+        from components.ray_env import connect
+
+        connect()  # the hub token and cache location reach every worker (components/ray_env.py)
     results = tuner.fit()
     best = results.get_best_result()
     if best.metrics is None or sweep.metric not in best.metrics:

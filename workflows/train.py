@@ -171,6 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loop_started = time.time()
     backbone = load_backbone(training_backbone(spec.backbone, training))  # bf16: the backbone too (components/precision.py)
     model = LLM2VecGen.from_spec(spec, embedding_dim=config["embedding_dim"], backbone=backbone)
+    model.gradient_checkpointing = training.gradient_checkpointing
     device = torch.device("cuda", torch.cuda.current_device()) if training.use_gpu else torch.device("cpu")
     model.to(device)
     # The training rows' token counts (the batch order is built from them); rows themselves are read per batch.
@@ -200,7 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     schedule_steps = training.schedule_steps or training.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, training.warmup_steps, schedule_steps)
+        optimizer, lambda step: lr_factor(step, training.warmup_steps, schedule_steps, training.schedule)
     )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(training), dist_init_required=False

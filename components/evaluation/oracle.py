@@ -41,7 +41,7 @@ ORACLE_FORMAT = 1  # bump when the code changes what is cached for the same inpu
 
 def greedy(generation: GenerationSpec) -> GenerationSpec:
     """The spec's generation settings, greedy: the oracle is the backbone's most likely answer."""
-    return generation.model_copy(update={"do_sample": False})
+    return generation.model_copy(update={"do_sample": False, "sampling": "spec"})
 
 
 class AnswerCache:
