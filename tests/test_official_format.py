@@ -219,3 +219,18 @@ def test_smollm2_round_trips_both_ways_through_the_official_package(tmp_path):
     for figures in report.values():
         assert figures["max_abs_diff_batch1"] <= TOLERANCE and figures["max_abs_diff_batch7"] <= TOLERANCE
         assert figures["decoded_equal"] == figures["texts"] == 8
+
+
+def test_a_hub_id_offline_is_one_error_saying_so():
+    with pytest.raises(OfficialFormatError, match=r"McGill-NLP/LLM2Vec-Gen-Qwen3-0\.6B: no such folder here, and not downloadable"):
+        LLM2VecGen.load("McGill-NLP/LLM2Vec-Gen-Qwen3-0.6B")
+
+
+def test_a_run_config_with_python_reprs_is_still_read(official_copy):
+    """train.py appends every argument group as `key: value` f-strings: some values are Python reprs, not YAML."""
+    from components.official_format import read_run_config
+
+    run_config = official_copy / "run_config.yml"
+    run_config.write_text(run_config.read_text() + "lr_scheduler_type: <SchedulerType.LINEAR: 'linear'>\nseed: 42\n")
+    config = read_run_config(official_copy)
+    assert config["special_tokens"][0] == "<think_0>" and config["seed"] == 42
