@@ -83,7 +83,8 @@ def measure(folder: Path, port: int, requests: int) -> dict:
 
             served = []
             for start in range(0, len(texts), 16):
-                answer = post(port, "/v1/embeddings", {"input": texts[start : start + 16]})
+                # normalize false: the API's default is unit vectors (OpenAI's); the official encode's are raw.
+                answer = post(port, "/v1/embeddings", {"input": texts[start : start + 16], "normalize": False})
                 served += [row["embedding"] for row in sorted(answer["data"], key=lambda row: row["index"])]
             figures["served_vs_official_max_abs_diff"] = (torch.tensor(served) - official).abs().max().item()
         return figures
