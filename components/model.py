@@ -57,9 +57,16 @@ class ModelConfig(BaseModel):
     prompts: dict[str, str] = {}
     teacher: str = ""  # provenance only: what the alignment targets came from
     seed: int = 0
+    # Set for a model read from the official layout (components/official_format.py): its own token names, and the
+    # ids its greedy decoding stops at (config.eos_token_id plus the family's end-of-text). Empty: ours, and the
+    # tokenizer's EOS.
+    special_token_names: list[str] = []
+    stop_token_ids: list[int] = []
 
     @property
     def special_tokens(self) -> list[str]:
+        if self.special_token_names:
+            return list(self.special_token_names)
         thoughts = [f"<|llm2vec_thought_{i}|>" for i in range(self.thought_tokens)]
         compressions = [f"<|llm2vec_compress_{i}|>" for i in range(self.compression_tokens)]
         return thoughts + compressions
@@ -332,17 +339,35 @@ class LLM2VecGen(nn.Module):
         else:
             texts = check_texts([inputs] if single else inputs)
             z, _ = self.compress(*self.tokenize_queries(texts, self._prompt(prompt_name, None)))
+        texts = self.tokenizer.batch_decode(self._greedy(z, max_new_tokens), skip_special_tokens=True)
+        return texts[0] if single else texts
+
+    @torch.inference_mode()
+    def generate_ids(self, texts: Sequence[str], max_new_tokens: int = 64, prompt_name: str | None = None) -> list[list[int]]:
+        """The token ids `decode` writes for each text, up to and including the stop token (one list per text)."""
+        texts = check_texts(texts)
+        z, _ = self.compress(*self.tokenize_queries(texts, self._prompt(prompt_name, None)))
+        stop = set(self._stop_ids())
+        rows = []
+        for row in self._greedy(z, max_new_tokens).tolist():
+            end = next((index + 1 for index, token in enumerate(row) if token in stop), len(row))
+            rows.append(row[:end])
+        return rows
+
+    def _stop_ids(self) -> list[int]:
+        return list(self.config.stop_token_ids) or [self.tokenizer.eos_token_id]
+
+    def _greedy(self, z: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """(B, new) greedy ids from z (B, C, H) fed as the only context; finished rows are padded."""
         z = z.to(self.device, self._dtype)
-        generated = self.backbone.generate(
+        return self.backbone.generate(
             inputs_embeds=z,
             attention_mask=torch.ones(z.shape[:2], dtype=torch.long, device=self.device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self._stop_ids(),
         )
-        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        return texts[0] if single else texts
 
     def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
         if prompt is not None:
@@ -368,11 +393,16 @@ class LLM2VecGen(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, backbone: Backbone | None = None, dtype: str | None = None) -> LLM2VecGen:
-        """A saved model; `dtype` loads its backbone in another precision than it was trained in (e.g. bfloat16 to
+        """A saved model (our folder, an official llm2vec-gen folder or hub id); `dtype` loads its backbone in another precision than it was trained in (e.g. bfloat16 to
         serve on a GPU what was trained in float32 on a CPU): same weights, so the fingerprint still matches."""
+        from components import official_format
+
+        if official_format.is_official(path) or official_format.looks_like_hub_id(str(path)):
+            return official_format.load_official(path, backbone=backbone, dtype=dtype)  # McGill-NLP's layout or hub id
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{path}: not an LLM2Vec-Gen model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+            raise FileNotFoundError(f"{path}: not an LLM2Vec-Gen model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}, "
+                                    "or the official layout's run_config.yml and encoder/)")
         saved = json.loads((path / CONFIG_FILE).read_text())
         saved.pop("special_tokens", None)  # derived from the counts; written for readers of the folder
         config = ModelConfig.model_validate(saved)

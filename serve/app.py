@@ -41,7 +41,7 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str  # a model folder (LLM2VecGen.save) or models:/name/version in the MLflow registry
+    model: str  # a model folder (ours or the official layout), models:/name/version, or an official hub id
     spec: str | None = None  # a spec file whose `serving:` section is the starting point
     serving: dict[str, Any] = {}  # ServingSpec keys overriding the spec's (or the defaults)
 
@@ -57,8 +57,11 @@ def serving_settings(args: AppArgs) -> ServingSpec:
 
 
 def model_source(source: str) -> str:
-    """A registry URI as given; a folder made absolute (replicas may not share the caller's working directory)."""
-    if source.startswith(REGISTRY_SCHEME):
+    """A registry URI or hub id (an official release, e.g. McGill-NLP/LLM2Vec-Gen-Qwen3-0.6B) as given; a folder made
+    absolute (replicas may not share the caller's working directory)."""
+    from components.official_format import looks_like_hub_id
+
+    if source.startswith(REGISTRY_SCHEME) or looks_like_hub_id(source):
         return source
     folder = Path(source).expanduser().resolve()
     if not folder.is_dir():

@@ -2,7 +2,8 @@
 
     python -m serve.run MODEL [--spec SPEC] [--set key=value ...] [--port 8000]
 
-MODEL is a model folder (LLM2VecGen.save) or models:/name/version; the serving settings are the spec's
+MODEL is a model folder (LLM2VecGen.save, or the official llm2vec-gen layout), models:/name/version, or an official
+hub id (online: McGill-NLP/LLM2Vec-Gen-Qwen3-0.6B); the serving settings are the spec's
 `serving:` section (defaults without --spec) with --set overrides, e.g. --set max_batch_size=1.
 """
 
@@ -22,7 +23,7 @@ from components.spec import SpecError
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serve.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a model folder or models:/name/version")
+    parser.add_argument("model", help="a model folder, models:/name/version or an official hub id")
     parser.add_argument("--spec", help="a spec file whose serving section to use")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a serving key")
     parser.add_argument("--host", help="default: serving.host (127.0.0.1)")
