@@ -409,9 +409,9 @@ class EvaluationSpec(Section):
     baselines: bool = False  # also the teacher and the backbone's training-free baselines (training_free)
     # Which training-free baselines of the backbone `baselines` adds, one column each (components/evaluation/encoders.py):
     # input-centric readouts (mean-pool, last-token: one pass for both) and prompt readouts (prompteol, its
-    # chat-template variant prompteol-chat, echo). The check stage's pre-flight always runs all of them.
+    # chat-template variant prompteol-chat, echo). The check stage's pre-flight compares the oracle with the same ones.
     training_free: list[Literal["mean-pool", "last-token", "prompteol", "prompteol-chat", "echo"]] = Field(
-        default_factory=lambda: ["mean-pool", "last-token", "prompteol", "prompteol-chat", "echo"])
+        default_factory=lambda: ["mean-pool", "last-token", "prompteol", "prompteol-chat", "echo"], min_length=1)
     batch_size: int = Field(32, ge=1)
     # Under `limit`, a retrieval corpus keeps the relevant documents of the kept queries plus this many others per query.
     distractors_per_query: int = Field(2, ge=0)

@@ -160,7 +160,7 @@ def test_the_evaluate_stage_skips_with_its_line_and_the_summary_says_so(tmp_path
 
 
 def test_resolve_auto_fills_in_the_chosen_tasks_and_leaves_other_suites_alone(tmp_path):
-    spec = load_spec(DEFAULT, [f"evaluation.data_dir={tmp_path}"])
+    spec = load_spec(DEFAULT, [f"evaluation.data_dir={tmp_path}", "evaluation.tasks=[]"])  # auto over the local suite
     resolved, choice = evaluate_workflow.resolve_auto(spec.evaluation, online=lambda: True)
     assert resolved.tasks == list(HUB_COPIES.values()) and choice.kind == "hub"
     assert evaluate_workflow.suite_tasks(resolved) == list(HUB_COPIES.values())

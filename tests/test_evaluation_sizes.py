@@ -196,6 +196,9 @@ def test_cli_oracle_flags_and_the_spec_default_follow_the_baselines():
     assert evaluation.with_oracle and not evaluation.baselines and evaluation.oracle_dir == "x"
     no = evaluate_workflow.evaluation_from_args(evaluate_workflow.parse_args(["m", "--baselines", "--no-oracle"]), None)
     assert no.baselines and not no.with_oracle
+    assert no.training_free == ["mean-pool", "last-token", "prompteol", "prompteol-chat", "echo"]  # all by default
+    some = evaluate_workflow.parse_args(["m", "--baselines", "--training-free", "echo, prompteol"])
+    assert evaluate_workflow.evaluation_from_args(some, None).training_free == ["echo", "prompteol"]
     assert EvaluationSpec(baselines=True).with_oracle and not EvaluationSpec().with_oracle
 
 
@@ -215,6 +218,13 @@ def test_check_stage_prints_the_oracle_against_the_teacher_on_a_small_sample(tmp
     can_pay, line = oracle_module.distillation_verdict(means["oracle"], {n: means[n] for n in columns[2:]})
     assert result["can_pay"] == can_pay and result["verdict"] == line and line in out
     assert result["best_baseline"] == max(columns[2:], key=means.get)
+    # the spec's training-free baselines are the ones compared (the answers are cached: nothing is generated again)
+    one = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "evaluation.check_pairs=4",
+                                        "generation.max_new_tokens=4", "evaluation.training_free=[last-token]"])
+    only = run_workflow.check_oracle(one)
+    assert only["best_baseline"] == "last-token" and "mean-pool" not in only and only["answers_generated"] == 0
+    assert only["last-token"] == result["last-token"] and "training-free last-token" in only["verdict"]
+    capsys.readouterr()
     skipped = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "evaluation.check_pairs=0"])
     assert run_workflow.check_oracle(skipped) is None and "pre-flight: skipped" in capsys.readouterr().out
     absent = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", f"evaluation.data_dir={tmp_path / 'none'}"])

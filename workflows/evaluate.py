@@ -1,6 +1,7 @@
 """Evaluate an LLM2Vec-Gen model with mteb, optionally against its teacher and its backbone's own readouts.
 
-    python -m workflows.evaluate MODEL [--suite local|mteb-lite|auto|TASK,...] [--baselines] [--oracle] [--limit N]
+    python -m workflows.evaluate MODEL [--suite local|mteb-lite|auto|TASK,...] [--baselines [--training-free A,B]]
+                                       [--oracle] [--limit N]
                                        [--prompts bare|generative|FILE.json] [--output DIR] [--spec SPEC]
                                        [--teacher TEACHER] [--data-dir DIR] [--batch-size B] [--distractors-per-query K]
                                        [--hard-negatives-per-query K] [--oracle-dir DIR] [--tracking-uri URI [--run-id ID]]
@@ -280,6 +281,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("model", help="a model folder or models:/<name>/<version>")
     parser.add_argument("--suite", help=f"{' | '.join(SUITES)} | auto | comma-separated task names (default: the spec's, else local)")
     parser.add_argument("--baselines", action="store_true", default=None, help="also the teacher, mean pooling, last token, PromptEOL (plain and chat) and Echo")
+    parser.add_argument("--training-free", help="with --baselines: which training-free baselines, comma-separated, from "
+                                                "mean-pool,last-token,prompteol,prompteol-chat,echo (default: the spec's, else all)")
     parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=None,
                         help="the response oracle: the teacher on the backbone's greedy answers (default: with --baselines)")
     parser.add_argument("--limit", type=int, help="the quick mode: about N evaluation items per task (pairs, test rows, "
@@ -309,6 +312,8 @@ def evaluation_from_args(args: argparse.Namespace, spec: Spec | None) -> Evaluat
                                "baselines": args.baselines, "distractors_per_query": args.distractors_per_query,
                                "hard_negatives_per_query": args.hard_negatives_per_query, "oracle": args.oracle,
                                "oracle_dir": args.oracle_dir}
+    if args.training_free:
+        updates["training_free"] = [name.strip() for name in args.training_free.split(",") if name.strip()]
     if args.suite:
         named = args.suite in SUITES or args.suite == "auto"
         updates.update({"suite": args.suite, "tasks": []} if named else {"tasks": expand_suite(args.suite)})

@@ -147,8 +147,9 @@ def distillation_verdict(oracle: float, baselines: dict[str, float]) -> tuple[bo
 
 def check_oracle(spec: Any, teacher: Any = None, backbone: Any = None) -> dict[str, Any]:
     """The pre-flight, before any training: on a small sample of local STS and classification tasks, the teacher on
-    the inputs, the response oracle and the backbone's training-free baselines (mean pooling, last token, PromptEOL,
-    Echo), and whether distillation can beat the best of those (distillation_verdict). Prints the table and the
+    the inputs, the response oracle and the backbone's training-free baselines (those of evaluation.training_free:
+    mean pooling, last token, PromptEOL plain and chat, Echo), and whether distillation can beat the best of those
+    (distillation_verdict). Prints the table and the
     verdict; returns {"teacher": {task: score}, "oracle": ..., "<baseline>": ..., "best_baseline": name,
     "can_pay": bool, "verdict": line, "seconds": ..., "answers_generated": ...}."""
     from components.backbone import load_backbone
@@ -159,11 +160,13 @@ def check_oracle(spec: Any, teacher: Any = None, backbone: Any = None) -> dict[s
 
     evaluation = spec.evaluation.model_copy(update={"limit": spec.evaluation.check_pairs, "tasks": CHECK_TASKS})
     backbone = backbone or load_backbone(spec.backbone)
-    teacher = teacher or load_teacher(spec.teacher, backbone)
+    teacher = teacher or load_teacher(spec.teacher, spec.backbone)
     cache = AnswerCache(spec.evaluation.oracle_dir or spec.run_dir / "oracle", spec.backbone, spec.generation)
     readouts = BackboneReadouts(backbone, max_tokens=spec.model.max_query_tokens)
-    baselines = {"mean-pool": readouts.embedder("mean"), "last-token": readouts.embedder("last"),
-                 **prompt_baselines(backbone, spec.model.max_query_tokens)}
+    named = spec.evaluation.training_free  # the spec's training-free baselines (all five unless it names fewer)
+    baselines = {name: readouts.embedder(pooling) for name, pooling in (("mean-pool", "mean"), ("last-token", "last"))
+                 if name in named}
+    baselines |= prompt_baselines(backbone, spec.model.max_query_tokens, named)
     embedders = {"teacher": TeacherEmbedder(teacher), "oracle": OracleEmbedder(cache, teacher, spec.model.prompts),
                  **baselines}
     started = time.perf_counter()
