@@ -99,3 +99,20 @@ def test_results_are_cached_by_text_and_a_bad_template_is_refused(backbone):
     with pytest.raises(ValueError, match="twice"):
         PromptReadout(backbone, 64, PROMPTEOL, "echo", "bad")
     assert list(prompt_baselines(backbone, 64)) == ["prompteol", "prompteol-chat", "echo"]
+
+
+def test_a_long_encode_reports_items_done_rate_and_time_left(caplog):
+    from components.evaluation.progress import Progress, progress_line
+
+    assert progress_line("encode echo T", 256, 1024, 8.0) == "encode echo T: 256/1,024 texts (25%), 32.0/s, 24s left"
+    assert progress_line("oracle: generate", 96, 96, 22.0, "answers").endswith("96/96 answers (100%), 4.4/s, done in 22s")
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="components.evaluation.progress"):
+        quiet = Progress("short", 10, every=60.0)
+        quiet.update(10)  # work shorter than `every` prints nothing
+        loud = Progress("long", 4, every=0.0)
+        loud.update(2)
+        loud.update(2)
+    assert [record.getMessage().split(":")[0] for record in caplog.records] == ["long", "long"]
+    assert "2/4 texts (50%)" in caplog.records[0].getMessage() and "done in" in caplog.records[1].getMessage()
