@@ -3,8 +3,9 @@
     python -m workflows.run SPEC [--set key=value ...] [--stages check,generate,teacher,teach,train,evaluate] [--dry-run] [--print-spec]
 
 check (load the backbone, build the model, and the pre-flight: can distillation from this backbone and teacher beat
-the backbone's training-free baselines? components/evaluation/oracle.py) -> generate (the frozen LLM answers the queries) -> teacher (with teacher.train only: an LLM2Vec teacher trained
-from the backbone, workflows/teacher.py) -> teach (the teacher embeds the answers) -> train (Ray Train +
+the backbone's training-free baselines? components/evaluation/oracle.py; it runs again on a rerun, from the
+cached answers) -> generate (the frozen LLM answers the queries) -> teacher (with teacher.train only: an LLM2Vec
+teacher trained from the backbone, workflows/teacher.py) -> teach (the teacher embeds the answers) -> train (Ray Train +
 DeepSpeed; MLflow run and registered model) -> evaluate (the spec's evaluation suite; scores into the same MLflow
 run; `evaluation.suite: none` skips it). Each stage is skipped when its output exists for the same
 inputs, so a rerun after a failure continues where it stopped. Connects to the cluster in RAY_ADDRESS (as under
