@@ -233,6 +233,27 @@ def test_check_stage_prints_the_oracle_against_the_teacher_on_a_small_sample(tmp
         f"pre-flight: skipped (no stsbenchmark, sick, emotion in {tmp_path / 'none'})"]
 
 
+class NoiseTeacher:
+    """A teacher whose vector of a text is noise seeded by the text: its oracle carries nothing about the inputs."""
+
+    dimension = 16
+
+    def embed(self, texts):
+        import hashlib
+
+        return np.stack([np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)).standard_normal(16)
+                         for t in texts]).astype(np.float32)
+
+
+@needs_data
+def test_the_pre_flight_says_cannot_when_the_answers_embed_as_noise(tmp_path, capsys):
+    spec = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "evaluation.check_pairs=30",
+                                         "generation.max_new_tokens=2"])
+    result = oracle_module.check_oracle(spec, teacher=NoiseTeacher())
+    assert not result["can_pay"] and result["verdict"].startswith("pre-flight: distillation CANNOT beat")
+    assert result["verdict"] in capsys.readouterr().out
+
+
 def test_the_verdict_says_distillation_cannot_beat_a_baseline_that_the_oracle_is_below():
     can, line = oracle_module.distillation_verdict(0.55, {"mean-pool": 0.40, "prompteol": 0.61, "echo": 0.50})
     assert not can and "CANNOT beat the training-free prompteol" in line and "6.0 points below" in line
