@@ -461,7 +461,12 @@ class EvaluationSpec(Section):
     tasks: list[str] = Field(default_factory=list)
     limit: int | None = Field(None, ge=1)
     data_dir: str = "../shared/data"
-    baselines: bool = False  # also the teacher and the backbone's input-centric readouts (mean pooling, last token)
+    baselines: bool = False  # also the teacher and the backbone's training-free baselines (training_free)
+    # Which training-free baselines of the backbone `baselines` adds, one column each (components/evaluation/encoders.py):
+    # input-centric readouts (mean-pool, last-token: one pass for both) and prompt readouts (prompteol, its
+    # chat-template variant prompteol-chat, echo). The check stage's pre-flight compares the oracle with the same ones.
+    training_free: list[Literal["mean-pool", "last-token", "prompteol", "prompteol-chat", "echo"]] = Field(
+        default_factory=lambda: ["mean-pool", "last-token", "prompteol", "prompteol-chat", "echo"], min_length=1)
     batch_size: int = Field(32, ge=1)
     # Under `limit`, a retrieval corpus keeps the relevant documents of the kept queries plus this many others per query.
     distractors_per_query: int = Field(2, ge=0)
@@ -473,7 +478,8 @@ class EvaluationSpec(Section):
     # Where the oracle's answers are cached, by content (like the generate stage); unset: <run_dir>/oracle in
     # workflows.run, runs/oracle from workflows.evaluate.
     oracle_dir: str | None = None
-    # The check stage: the oracle against the teacher on this many pairs of each of STS-B and SICK-R.
+    # The check stage's pre-flight: the teacher, the oracle and the training-free baselines on this many items (pairs,
+    # test rows) of each of STS-B, SICK-R and Emotion (components/evaluation/oracle.py); 0 skips it.
     check_pairs: int = Field(100, ge=0)
 
     @property

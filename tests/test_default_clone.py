@@ -160,7 +160,7 @@ def test_the_evaluate_stage_skips_with_its_line_and_the_summary_says_so(tmp_path
 
 
 def test_resolve_auto_fills_in_the_chosen_tasks_and_leaves_other_suites_alone(tmp_path):
-    spec = load_spec(DEFAULT, [f"evaluation.data_dir={tmp_path}"])
+    spec = load_spec(DEFAULT, [f"evaluation.data_dir={tmp_path}", "evaluation.tasks=[]"])  # auto over the local suite
     resolved, choice = evaluate_workflow.resolve_auto(spec.evaluation, online=lambda: True)
     assert resolved.tasks == list(HUB_COPIES.values()) and choice.kind == "hub"
     assert evaluate_workflow.suite_tasks(resolved) == list(HUB_COPIES.values())
@@ -168,6 +168,19 @@ def test_resolve_auto_fills_in_the_chosen_tasks_and_leaves_other_suites_alone(tm
     assert choice.skipped and skipped.suite == "none" and evaluate_workflow.suite_tasks(skipped) == []
     local = load_spec("specs/tiny.yaml").evaluation
     assert evaluate_workflow.resolve_auto(local, online=never_called) == (local, None)
+    # auto over a list of local tasks chooses among those: their hub copies here, nothing else
+    sts = load_spec(DEFAULT, [f"evaluation.data_dir={tmp_path}", "evaluation.tasks=[LocalSTSBenchmark]"]).evaluation
+    resolved, choice = evaluate_workflow.resolve_auto(sts, online=lambda: True)
+    assert resolved.tasks == ["STSBenchmark"] and choice.kind == "hub"
+
+
+@needs_data
+def test_the_default_evaluates_full_size_sts_b_locally_with_the_baselines_beside_the_model():
+    evaluation = load_spec(DEFAULT).evaluation
+    resolved, choice = evaluate_workflow.resolve_auto(evaluation, online=never_called)
+    assert resolved.tasks == ["LocalSTSBenchmark"] and choice.line == f"local tasks LocalSTSBenchmark from {DATA} (offline)"
+    assert evaluation.limit is None and evaluation.baselines and not evaluation.with_oracle  # full size; oracle: pre-flight
+    assert {"mean-pool", "last-token", "prompteol"} <= set(evaluation.training_free) and evaluation.check_pairs > 0
 
 
 def test_cli_suite_auto_with_nothing_to_run_exits_2_with_the_line(tmp_path, monkeypatch, capsys):

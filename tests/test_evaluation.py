@@ -256,7 +256,8 @@ def test_baselines_run_side_by_side_and_scores_reach_mlflow(tiny_folder, tmp_pat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     report = evaluate_workflow.run_evaluation(tiny_folder, evaluation, tmp_path / "report", tracking_uri=uri,
                                               generation=GenerationSpec(max_new_tokens=4))
-    assert list(report["models"]) == ["llm2vec-gen", "teacher", "mean-pool", "last-token", "oracle"]
+    assert list(report["models"]) == ["llm2vec-gen", "teacher", "mean-pool", "last-token", "prompteol", "prompteol-chat",
+                                      "echo", "oracle"]
     assert all(set(scores) == {"LocalSTSBenchmark", "AdvBenchIR"} for scores in report["models"].values())
 
     import mlflow
@@ -265,6 +266,17 @@ def test_baselines_run_side_by_side_and_scores_reach_mlflow(tiny_folder, tmp_pat
     metrics = mlflow.get_run(report["mlflow_run_id"]).data.metrics
     assert metrics["eval.teacher.LocalSTSBenchmark"] == pytest.approx(report["models"]["teacher"]["LocalSTSBenchmark"]["score"])
     assert "eval.last-token.AdvBenchIR" in metrics
+
+
+@needs_data
+def test_training_free_names_the_baseline_columns(tiny_folder, tmp_path):
+    evaluation = EvaluationSpec(tasks=["LocalSTSBenchmark"], limit=6, baselines=True, oracle=False,
+                                training_free=["last-token", "echo"])
+    report = evaluate_workflow.run_evaluation(tiny_folder, evaluation, tmp_path / "report")
+    assert list(report["models"]) == ["llm2vec-gen", "teacher", "last-token", "echo"]
+    assert "Echo embeddings (Springer et al. 2024)" in (tmp_path / "report" / "results.md").read_text()
+    with pytest.raises(ValueError, match="training_free"):
+        EvaluationSpec(training_free=["hyde"])
 
 
 def test_stage_evaluate_reads_the_trained_model_folder_from_the_train_stage(tiny_folder, tmp_path):

@@ -176,10 +176,11 @@ def test_baselines_report_has_the_oracle_column_and_a_rerun_generates_nothing(ti
     evaluation = EvaluationSpec(tasks=["LocalSTSBenchmark"], limit=6, baselines=True, oracle_dir=str(tmp_path / "oracle"))
     generation = GenerationSpec(max_new_tokens=4, batch_size=4)
     report = evaluate_workflow.run_evaluation(tiny_folder, evaluation, tmp_path / "report", generation=generation)
-    assert list(report["models"]) == ["llm2vec-gen", "teacher", "mean-pool", "last-token", "oracle"]
+    assert list(report["models"]) == ["llm2vec-gen", "teacher", "mean-pool", "last-token", "prompteol", "prompteol-chat",
+                                      "echo", "oracle"]
     assert report["oracle_answers_generated"] == 12 and report["size"] == "quick mode (limit 6)"
     table = (tmp_path / "report" / "results.md").read_text()
-    assert "| task (quick mode (limit 6)) |" in table and "| last-token | oracle |" in table
+    assert "| task (quick mode (limit 6)) |" in table and "| echo | oracle |" in table
 
     monkeypatch.setattr(ResponseGenerator, "__call__", lambda self, shard: pytest.fail("generated on a rerun"))
     again = evaluate_workflow.run_evaluation(tiny_folder, evaluation, tmp_path / "report2", generation=generation)
@@ -195,6 +196,9 @@ def test_cli_oracle_flags_and_the_spec_default_follow_the_baselines():
     assert evaluation.with_oracle and not evaluation.baselines and evaluation.oracle_dir == "x"
     no = evaluate_workflow.evaluation_from_args(evaluate_workflow.parse_args(["m", "--baselines", "--no-oracle"]), None)
     assert no.baselines and not no.with_oracle
+    assert no.training_free == ["mean-pool", "last-token", "prompteol", "prompteol-chat", "echo"]  # all by default
+    some = evaluate_workflow.parse_args(["m", "--baselines", "--training-free", "echo, prompteol"])
+    assert evaluate_workflow.evaluation_from_args(some, None).training_free == ["echo", "prompteol"]
     assert EvaluationSpec(baselines=True).with_oracle and not EvaluationSpec().with_oracle
 
 
@@ -204,8 +208,59 @@ def test_check_stage_prints_the_oracle_against_the_teacher_on_a_small_sample(tmp
                                          "generation.max_new_tokens=4"])
     result = run_workflow.check_oracle(spec)
     out = capsys.readouterr().out
-    assert set(result["oracle"]) == set(result["teacher"]) == set(oracle_module.CHECK_TASKS)
-    assert result["answers_generated"] == 16  # 4 pairs x 2 texts x 2 tasks
-    assert "response oracle vs teacher" in out and "| LocalSICK-R |" in out and " vs teacher " in out
+    columns = ["teacher", "oracle", "mean-pool", "last-token", "prompteol", "prompteol-chat", "echo"]
+    assert all(set(result[name]) == set(oracle_module.CHECK_TASKS) for name in columns)
+    # 4 pairs x 2 texts x 2 STS tasks, and Emotion's 4 test rows and one classifier's 16 x 6 training tweets (at most)
+    assert 16 + 4 < result["answers_generated"] <= 16 + 4 + 96
+    assert "| LocalSICK-R |" in out and "| LocalEmotion |" in out and " vs teacher " in out
+    # the verdict line is the pure function's, on the averages of the table
+    means = {name: sum(result[name].values()) / len(oracle_module.CHECK_TASKS) for name in columns}
+    can_pay, line = oracle_module.distillation_verdict(means["oracle"], {n: means[n] for n in columns[2:]})
+    assert result["can_pay"] == can_pay and result["verdict"] == line and line in out
+    assert result["best_baseline"] == max(columns[2:], key=means.get)
+    # the spec's training-free baselines are the ones compared (the answers are cached: nothing is generated again)
+    one = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "evaluation.check_pairs=4",
+                                        "generation.max_new_tokens=4", "evaluation.training_free=[last-token]"])
+    only = run_workflow.check_oracle(one)
+    assert only["best_baseline"] == "last-token" and "mean-pool" not in only and only["answers_generated"] == 0
+    assert only["last-token"] == result["last-token"] and "training-free last-token" in only["verdict"]
+    capsys.readouterr()
     skipped = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "evaluation.check_pairs=0"])
-    assert run_workflow.check_oracle(skipped) is None and "skipped" in capsys.readouterr().out
+    assert run_workflow.check_oracle(skipped) is None and "pre-flight: skipped" in capsys.readouterr().out
+    absent = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", f"evaluation.data_dir={tmp_path / 'none'}"])
+    assert run_workflow.check_oracle(absent) is None
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"pre-flight: skipped (no stsbenchmark, sick, emotion in {tmp_path / 'none'})"]
+
+
+class NoiseTeacher:
+    """A teacher whose vector of a text is noise seeded by the text: its oracle carries nothing about the inputs."""
+
+    dimension = 16
+
+    def embed(self, texts):
+        import hashlib
+
+        return np.stack([np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)).standard_normal(16)
+                         for t in texts]).astype(np.float32)
+
+
+@needs_data
+def test_the_pre_flight_says_cannot_when_the_answers_embed_as_noise(tmp_path, capsys):
+    spec = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "evaluation.check_pairs=30",
+                                         "generation.max_new_tokens=2"])
+    result = oracle_module.check_oracle(spec, teacher=NoiseTeacher())
+    assert not result["can_pay"] and result["verdict"].startswith("pre-flight: distillation CANNOT beat")
+    assert result["verdict"] in capsys.readouterr().out
+
+
+def test_the_verdict_says_distillation_cannot_beat_a_baseline_that_the_oracle_is_below():
+    can, line = oracle_module.distillation_verdict(0.55, {"mean-pool": 0.40, "prompteol": 0.61, "echo": 0.50})
+    assert not can and "CANNOT beat the training-free prompteol" in line and "6.0 points below" in line
+    assert "55.0" in line and "61.0" in line
+    tie, _ = oracle_module.distillation_verdict(0.61, {"prompteol": 0.61})
+    assert not tie  # equal to the baseline: a student capped there cannot beat it
+    can, line = oracle_module.distillation_verdict(0.70, {"mean-pool": 0.40, "echo": 0.52})
+    assert can and "can beat the training-free echo" in line and "18.0 points above" in line
+    with pytest.raises(ValueError, match="at least one"):
+        oracle_module.distillation_verdict(0.5, {})

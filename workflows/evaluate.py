@@ -1,6 +1,7 @@
 """Evaluate an LLM2Vec-Gen model with mteb, optionally against its teacher and its backbone's own readouts.
 
-    python -m workflows.evaluate MODEL [--suite local|mteb-lite|auto|TASK,...] [--baselines] [--oracle] [--limit N]
+    python -m workflows.evaluate MODEL [--suite local|mteb-lite|auto|TASK,...] [--baselines [--training-free A,B]]
+                                       [--oracle] [--limit N]
                                        [--prompts bare|generative|FILE.json] [--output DIR] [--spec SPEC]
                                        [--teacher TEACHER] [--data-dir DIR] [--batch-size B] [--distractors-per-query K]
                                        [--hard-negatives-per-query K] [--oracle-dir DIR] [--tracking-uri URI [--run-id ID]]
@@ -8,7 +9,8 @@
 MODEL is a model folder or an MLflow URI (models:/name/version, runs:/id/model_folder). The local suite reads every
 dataset from --data-dir (default ../shared/data) and runs offline; mteb-lite downloads public MTEB tasks. With
 --baselines the same tasks also run on the teacher the model was aligned to (model.config.teacher, or the spec's,
-or --teacher), on the backbone's input-centric embeddings (mean pooling, last token) and, as the response oracle
+or --teacher), on the backbone's input-centric embeddings (mean pooling, last token), on its training-free prompt
+readouts (PromptEOL, PromptEOL inside the chat template, Echo: components/evaluation/encoders.py) and, as the response oracle
 (also alone with --oracle), on the teacher's embedding of the backbone's greedy answer to each text
 (components/evaluation/oracle.py; answers cached by content in --oracle-dir, default the spec's
 evaluation.oracle_dir, else runs/oracle). Without --limit every local task runs at full size, as MTEB runs the
@@ -35,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from components.evaluation.availability import SuiteChoice, choose_auto_suite, hub_reachable
+from components.evaluation.availability import LOCAL_FILES, SuiteChoice, choose_auto_suite, hub_reachable
 from components.evaluation.suites import SUITES, expand_suite, is_offline, needs_hub
 from components.spec import EvaluationSpec, GenerationSpec, Spec, SpecError, TeacherSpec, load_spec
 
@@ -52,11 +54,13 @@ def suite_tasks(evaluation: EvaluationSpec) -> list[str]:
 def resolve_auto(
     evaluation: EvaluationSpec, online: Callable[[], bool] | None = None
 ) -> tuple[EvaluationSpec, SuiteChoice | None]:
-    """For `suite: auto` without a task list: the evaluation with the chosen tasks filled in (suite none when there
-    is nothing to run) and the choice, whose line says which evaluation runs; any other spec as it is, and None."""
-    if evaluation.suite != "auto" or evaluation.tasks:
+    """For `suite: auto` (over the local suite, or over `tasks` when they are local task names): the evaluation with
+    the chosen tasks filled in (suite none when there is nothing to run) and the choice, whose line says which
+    evaluation runs; any other spec as it is, and None."""
+    if evaluation.suite != "auto" or not all(task in LOCAL_FILES for task in evaluation.tasks):
         return evaluation, None
-    choice = choose_auto_suite(evaluation.data_dir, online or hub_reachable)
+    # With local task names, auto chooses among those (each local, else its hub copy, else left out).
+    choice = choose_auto_suite(evaluation.data_dir, online or hub_reachable, evaluation.tasks or None)
     update = {"suite": "none", "tasks": []} if choice.skipped else {"tasks": choice.tasks}
     return evaluation.model_copy(update=update), choice
 
@@ -153,10 +157,19 @@ def run_evaluation(
     if evaluation.baselines:
         embedders["teacher"] = TeacherEmbedder(loaded_teacher)
         readouts = BackboneReadouts(model.backbone_info, max_tokens=model.config.max_query_tokens)
-        embedders["mean-pool"], embedders["last-token"] = readouts.embedder("mean"), readouts.embedder("last")
         descriptions["teacher"] = f"the teacher, {teacher.kind} {where if teacher.kind != 'backbone_mean_pool' else ''}".rstrip()
-        descriptions["mean-pool"] = "the backbone's last hidden states, masked mean over the bare text's tokens"
-        descriptions["last-token"] = "the backbone's last hidden state at the bare text's last token"
+        if "mean-pool" in evaluation.training_free:
+            embedders["mean-pool"] = readouts.embedder("mean")
+            descriptions["mean-pool"] = "the backbone's last hidden states, masked mean over the bare text's tokens"
+        if "last-token" in evaluation.training_free:
+            embedders["last-token"] = readouts.embedder("last")
+            descriptions["last-token"] = "the backbone's last hidden state at the bare text's last token"
+        # The training-free prompt baselines (PromptEOL, its chat-template variant, Echo): issue 25.
+        from components.evaluation.encoders import PROMPT_BASELINE_DESCRIPTIONS, prompt_baselines
+
+        chosen = [name for name in PROMPT_BASELINE_DESCRIPTIONS if name in evaluation.training_free]
+        for name, readout in prompt_baselines(model.backbone_info, model.config.max_query_tokens, chosen).items():
+            embedders[name], descriptions[name] = readout, PROMPT_BASELINE_DESCRIPTIONS[name]
     if evaluation.with_oracle:
         from components.evaluation.oracle import AnswerCache, OracleEmbedder
 
@@ -267,7 +280,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("model", help="a model folder or models:/<name>/<version>")
     parser.add_argument("--suite", help=f"{' | '.join(SUITES)} | auto | comma-separated task names (default: the spec's, else local)")
-    parser.add_argument("--baselines", action="store_true", default=None, help="also the teacher, mean pooling and last token")
+    parser.add_argument("--baselines", action="store_true", default=None, help="also the teacher, mean pooling, last token, PromptEOL (plain and chat) and Echo")
+    parser.add_argument("--training-free", help="with --baselines: which training-free baselines, comma-separated, from "
+                                                "mean-pool,last-token,prompteol,prompteol-chat,echo (default: the spec's, else all)")
     parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=None,
                         help="the response oracle: the teacher on the backbone's greedy answers (default: with --baselines)")
     parser.add_argument("--limit", type=int, help="the quick mode: about N evaluation items per task (pairs, test rows, "
@@ -297,6 +312,8 @@ def evaluation_from_args(args: argparse.Namespace, spec: Spec | None) -> Evaluat
                                "baselines": args.baselines, "distractors_per_query": args.distractors_per_query,
                                "hard_negatives_per_query": args.hard_negatives_per_query, "oracle": args.oracle,
                                "oracle_dir": args.oracle_dir}
+    if args.training_free:
+        updates["training_free"] = [name.strip() for name in args.training_free.split(",") if name.strip()]
     if args.suite:
         named = args.suite in SUITES or args.suite == "auto"
         updates.update({"suite": args.suite, "tasks": []} if named else {"tasks": expand_suite(args.suite)})

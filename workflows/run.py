@@ -1,9 +1,11 @@
 """The main job: run the stages of a spec in order.
 
-    python -m workflows.run SPEC [--set key=value ...] [--stages generate,teacher,teach,train,evaluate] [--dry-run] [--print-spec]
+    python -m workflows.run SPEC [--set key=value ...] [--stages check,generate,teacher,teach,train,evaluate] [--dry-run] [--print-spec]
 
-generate (the frozen LLM answers the queries) -> teacher (with teacher.train only: an LLM2Vec teacher trained
-from the backbone, workflows/teacher.py) -> teach (the teacher embeds the answers) -> train (Ray Train +
+check (load the backbone, build the model, and the pre-flight: can distillation from this backbone and teacher beat
+the backbone's training-free baselines? components/evaluation/oracle.py; it runs again on a rerun, from the
+cached answers) -> generate (the frozen LLM answers the queries) -> teacher (with teacher.train only: an LLM2Vec
+teacher trained from the backbone, workflows/teacher.py) -> teach (the teacher embeds the answers) -> train (Ray Train +
 DeepSpeed; MLflow run and registered model) -> evaluate (the spec's evaluation suite; scores into the same MLflow
 run; `evaluation.suite: none` skips it). Each stage is skipped when its output exists for the same
 inputs, so a rerun after a failure continues where it stopped. Connects to the cluster in RAY_ADDRESS (as under
@@ -48,21 +50,29 @@ def stage_check(spec: Spec, _results: dict[str, Any]) -> dict[str, Any]:
           f"{sum(p.numel() for p in model.trainable_parameters()):,} trainable parameters")
     for text, vector, words in zip(texts, embeddings, decoded, strict=True):
         print(f"  {text!r}: |e|={float((vector**2).sum()) ** 0.5:.3f} e[:3]={vector[:3].round(3).tolist()} decodes to {words!r}")
-    return {"backbone_load_s": load_seconds, "embedding_dim": model.config.embedding_dim, "oracle": check_oracle(spec)}
+    return {"backbone_load_s": load_seconds, "embedding_dim": model.config.embedding_dim,
+            "oracle": check_oracle(spec, backbone)}
 
 
-def check_oracle(spec: Spec) -> dict[str, Any] | None:
-    """Can this backbone and teacher pay? The response oracle against the teacher on a small sample (issue 18)."""
+# The local datasets the pre-flight reads (components/evaluation/oracle.py CHECK_TASKS).
+CHECK_DATA = ("stsbenchmark", "sick", "emotion")
+
+
+def check_oracle(spec: Spec, backbone: Any = None) -> dict[str, Any] | None:
+    """Can this backbone and teacher pay? The pre-flight (issues 18, 25): the teacher, the response oracle and the
+    backbone's training-free baselines on a small sample, and whether distillation can beat the best baseline."""
     data = Path(spec.evaluation.data_dir)
-    if not spec.evaluation.check_pairs or not (data / "stsbenchmark").is_dir():
-        print(f"response oracle: skipped ({'evaluation.check_pairs is 0' if data.is_dir() else f'no data in {data}'})")
+    missing = [name for name in CHECK_DATA if not (data / name).is_dir()]
+    if not spec.evaluation.check_pairs or missing:
+        why = "evaluation.check_pairs is 0" if not spec.evaluation.check_pairs else f"no {', '.join(missing)} in {data}"
+        print(f"pre-flight: skipped ({why})", flush=True)
         return None
     from workflows.evaluate import go_offline
 
     go_offline()
     from components.evaluation.oracle import check_oracle as run_check
 
-    return run_check(spec)
+    return run_check(spec, backbone=backbone)
 
 
 def stage_generate(spec: Spec, _results: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +120,8 @@ STAGES: dict[str, Callable[[Spec, dict[str, Any]], Any]] = {
     "train": stage_train,
     "evaluate": stage_evaluate,
 }
-DEFAULT_STAGES = ["generate", "teacher", "teach", "train", "evaluate"]
+# check first: the pre-flight says whether training can pay before any of it is spent (issue 25).
+DEFAULT_STAGES = ["check", "generate", "teacher", "teach", "train", "evaluate"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -191,6 +202,9 @@ def summary(spec: Spec, results: dict[str, Any], timings: dict[str, float]) -> s
             lines.append(f"  {label:<12} {train[key]}")
     if train.get("mlflow_tracking_uri"):
         lines.append(f"  open with:   mlflow ui --backend-store-uri {train['mlflow_tracking_uri']}")
+    verdict = ((results.get("check") or {}).get("oracle") or {}).get("verdict")
+    if verdict:  # the pre-flight's answer to "can distillation beat the training-free baselines here?"
+        lines.append(f"  {verdict}")
     evaluate = results.get("evaluate") or {}
     if evaluate.get("evaluation"):  # which evaluation ran (or why none did)
         lines.append(f"  evaluation   {evaluate['evaluation']}")

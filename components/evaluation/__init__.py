@@ -4,7 +4,10 @@
     tasks.py     mteb tasks whose data are read from local files (STS-B, SICK-R, Banking77, Emotion, StackOverflow,
                  MRPC, TREC-QA, SciFact), with a deterministic --limit
     safety.py    AdvBench-IR-style safety retrieval and its harmful@k metric
-    encoders.py  LLM2Vec-Gen, its teacher and the backbone's mean/last-token readouts as one mteb encoder class
+    encoders.py  LLM2Vec-Gen, its teacher and the backbone's training-free baselines (mean pooling, last token,
+                 PromptEOL plain and in the chat template, Echo) as one mteb encoder class
+    oracle.py    the response oracle (the teacher on the backbone's answers) and the check stage's pre-flight verdict
+    progress.py  progress lines (items done, rate, time left) of long encodes and generations
     runner.py    mteb.evaluate over models x tasks -> main scores
     report.py    JSON, markdown table, bar chart and MLflow metrics
     lens.py      what an embedding decodes to, and the logit lens on the compression tokens

@@ -95,13 +95,18 @@ class SuiteChoice:
         return not self.tasks
 
 
-def choose_auto_suite(data_dir: str | os.PathLike, online: Callable[[], bool] = hub_reachable) -> SuiteChoice:
-    """The tasks `suite: auto` runs (see the module docstring). `online` is called only when some local task lacks
-    its files, so a machine with the data never reaches for the network."""
-    local = [task for task in LOCAL_TASKS if not missing_files(task, data_dir)]
-    absent = [task for task in LOCAL_TASKS if task not in local]
+def choose_auto_suite(
+    data_dir: str | os.PathLike, online: Callable[[], bool] = hub_reachable, candidates: list[str] | None = None
+) -> SuiteChoice:
+    """The tasks `suite: auto` runs (see the module docstring), among `candidates` (local task names; default: the
+    local suite). `online` is called only when some local task lacks its files, so a machine with the data never
+    reaches for the network."""
+    candidates = list(candidates or LOCAL_TASKS)
+    local = [task for task in candidates if not missing_files(task, data_dir)]
+    absent = [task for task in candidates if task not in local]
     if not absent:
-        return SuiteChoice(local, "local", f"local suite: {len(local)} tasks from {data_dir} (offline)")
+        what = f"local suite: {len(local)} tasks" if local == LOCAL_TASKS else f"local tasks {', '.join(local)}"
+        return SuiteChoice(local, "local", f"{what} from {data_dir} (offline)")
     reachable = online()
     hub = [HUB_COPIES[task] for task in absent if reachable and task in HUB_COPIES]
     left_out = [task for task in absent if not (reachable and task in HUB_COPIES)]

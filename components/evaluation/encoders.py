@@ -23,6 +23,7 @@ from mteb.models import ModelMeta
 from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
 from mteb.models.model_meta import ScoringFunction
 
+from components.evaluation.progress import Progress
 from components.generation import length_batches
 from components.spec import TeacherSpec
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from components.teacher import Teacher
 
 SYMMETRIC_FALLBACK = "query"
+PROGRESS_CHUNK = 256  # texts encoded between two looks at the clock (progress lines come every ~10 s at most)
 
 
 class TextEmbedder(Protocol):
@@ -89,8 +91,14 @@ class MtebEncoder(AbsEncoder):
         out = np.zeros((len(texts), self.embedder.dimension), dtype=np.float32)
         # A blank text has nothing to embed (and LLM2Vec-Gen rejects it): it keeps a zero vector, which cosine scores 0.
         present = [i for i, text in enumerate(texts) if text.strip()]
-        if present:
-            out[present] = self.embedder.embed([texts[i] for i in present], prompt, kwargs.get("batch_size", 32))
+        batch_size = kwargs.get("batch_size", 32)
+        # In chunks, so that a long encode reports how far it is (components/evaluation/progress.py).
+        progress = Progress(f"encode {self.embedder.name} {task_metadata.name}", len(present))
+        step = max(PROGRESS_CHUNK, batch_size)
+        for start in range(0, len(present), step):
+            chunk = present[start : start + step]
+            out[chunk] = self.embedder.embed([texts[i] for i in chunk], prompt, batch_size)
+            progress.update(len(chunk))
         return out
 
 
@@ -206,3 +214,115 @@ def teacher_from_config(teacher: str) -> TeacherSpec:
     if installed:
         return TeacherSpec(kind=kind, package=package, path_in_package=inside)
     return TeacherSpec(kind=kind, name=location)
+
+
+# ------------------------------------------------------------------------------- training-free prompt readouts
+
+# PromptEOL (Jiang et al. 2023, "Scaling Sentence Embeddings with Large Language Models"): the last layer's state at
+# the last token of this prompt, where the LLM is about to say the sentence's meaning in one word.
+PROMPTEOL = 'This sentence : "{text}" means in one word:"'
+# Echo embeddings (Springer et al. 2024, "Repetition Improves Language Model Embeddings"), their zero-shot template:
+# the text twice; the mean of the last layer's states over the SECOND copy's tokens, which (causal attention) have
+# seen the whole text once already.
+ECHO = "Rewrite the sentence: {text}, rewritten sentence: {text}"
+TEXT = "{text}"
+
+
+def template_ids(pieces: list[list[int]], text_ids: list[int]) -> tuple[list[int], tuple[int, int]]:
+    """The token ids of a template whose literal pieces (already tokenized) are joined by the text, and the
+    (start, end) span of the text's LAST occurrence: [piece 0, text, piece 1, text, ..., piece n]."""
+    ids: list[int] = list(pieces[0])
+    span = (0, 0)
+    for piece in pieces[1:]:
+        span = (len(ids), len(ids) + len(text_ids))
+        ids += text_ids + list(piece)
+    return ids, span
+
+
+class PromptReadout:
+    """A training-free embedding of the frozen backbone read under a prompt template: the last layer's state at the
+    template's last token (`pooling="last"`, PromptEOL), or its mean over the last copy of the text (`pooling="echo"`).
+
+    The template's literal pieces and the text are tokenized separately and joined, so the text's span is exact, and
+    a long text is cut to max_tokens inside the template (the prompt's end, whose state is read, is never cut).
+    `chat`: the template's words are the user's turn of the backbone's chat template, and the state read is the last
+    token of the assistant's header (where the answer would start). Results are cached by text."""
+
+    def __init__(self, backbone: Backbone, max_tokens: int, template: str, pooling: Literal["last", "echo"],
+                 name: str, chat: bool = False):
+        if TEXT not in template:
+            raise ValueError(f"template {template!r} has no {TEXT} placeholder")
+        if pooling == "echo" and template.count(TEXT) < 2:
+            raise ValueError(f"echo template {template!r} must hold the text twice")
+        self.encoder = backbone.model.base_model.eval()
+        self.tokenizer = backbone.tokenizer
+        self.max_tokens = max_tokens
+        self.pooling = pooling
+        self.name = name
+        self.dimension = backbone.model.config.hidden_size
+        self.prompts: dict[str, str] = {}
+        self.template = chat_wrapped(self.tokenizer, template) if chat else template
+        # The chat template holds its own special tokens; a plain template gets the BOS the tokenizer would add.
+        bos = self.tokenizer.bos_token_id
+        lead = [bos] if not chat and bos is not None and getattr(self.tokenizer, "add_bos_token", False) else []
+        self.pieces = [self.tokenizer(piece, add_special_tokens=False).input_ids for piece in self.template.split(TEXT)]
+        self.pieces[0] = lead + self.pieces[0]
+        self._cache: dict[str, np.ndarray] = {}
+
+    def ids(self, text: str) -> tuple[list[int], tuple[int, int]]:
+        """The model's input for one text, and the span of its last copy."""
+        text_ids = self.tokenizer(text, add_special_tokens=False).input_ids[: self.max_tokens]
+        return template_ids(self.pieces, text_ids)
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str], prompt: str, batch_size: int) -> np.ndarray:
+        texts = [prompt + text for text in texts]
+        missing = [text for text in dict.fromkeys(texts) if text not in self._cache]
+        device = next(self.encoder.parameters()).device if missing else None
+        inputs = [self.ids(text) for text in missing]
+        for batch in length_batches([len(ids) for ids, _ in inputs], batch_size):
+            width = max(len(inputs[i][0]) for i in batch)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            input_ids = torch.tensor([inputs[i][0] + [pad] * (width - len(inputs[i][0])) for i in batch], device=device)
+            mask = torch.tensor([[1] * len(inputs[i][0]) + [0] * (width - len(inputs[i][0])) for i in batch], device=device)
+            hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H), right padding
+            for row, index in enumerate(batch):
+                ids, (start, end) = inputs[index]
+                vector = hidden[row, len(ids) - 1] if self.pooling == "last" else hidden[row, start:max(end, start + 1)].mean(0)
+                self._cache[missing[index]] = vector.float().cpu().numpy()
+        vectors = torch.from_numpy(np.stack([self._cache[text] for text in texts]))
+        return F.normalize(vectors, dim=-1).numpy()
+
+
+def chat_wrapped(tokenizer: Any, template: str) -> str:
+    """`template` as the user's turn of the tokenizer's chat template (its default system prompt included), ending
+    with the assistant's header: still a template with the same placeholders."""
+    if not tokenizer.chat_template:
+        raise ValueError("the backbone's tokenizer has no chat template: the chat variant of a prompt baseline needs one")
+    return tokenizer.apply_chat_template([{"role": "user", "content": template}], tokenize=False, add_generation_prompt=True)
+
+
+# The training-free baselines of the backbone by column name: (template, pooling, inside the chat template).
+PROMPT_BASELINES: dict[str, tuple[str, Literal["last", "echo"], bool]] = {
+    "prompteol": (PROMPTEOL, "last", False),
+    "prompteol-chat": (PROMPTEOL, "last", True),
+    "echo": (ECHO, "echo", False),
+}
+PROMPT_BASELINE_DESCRIPTIONS = {
+    "prompteol": "PromptEOL (Jiang et al. 2023): the backbone's last hidden state at the last token of "
+                 "'This sentence : \"<text>\" means in one word:\"'",
+    "prompteol-chat": "PromptEOL's words as the user's turn of the backbone's chat template: the last hidden state "
+                      "at the assistant header's last token",
+    "echo": "Echo embeddings (Springer et al. 2024): 'Rewrite the sentence: <text>, rewritten sentence: <text>', "
+            "the backbone's last hidden states averaged over the second copy's tokens",
+}
+
+
+def prompt_baselines(backbone: Backbone, max_tokens: int, names: list[str] | None = None) -> dict[str, PromptReadout]:
+    """The training-free prompt baselines of the backbone (all, or `names`), by column name (the chat variant only
+    with a chat template)."""
+    return {
+        name: PromptReadout(backbone, max_tokens, template, pooling, name, chat=chat)
+        for name, (template, pooling, chat) in PROMPT_BASELINES.items()
+        if (names is None or name in names) and (not chat or backbone.tokenizer.chat_template)
+    }

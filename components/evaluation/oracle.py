@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from components.evaluation.progress import Progress
 from components.generation import ResponseGenerator, backbone_identity
 from components.spec import BackboneSpec, GenerationSpec
 from components.stages import ShardedOutput
@@ -81,10 +82,12 @@ class AnswerCache:
                      sum(len(output.shard_ids(s)) for s in missing), len(missing), output.num_shards, output.folder)
             started = time.perf_counter()
             table = pa.table({"id": list(range(len(unique))), "query": unique})
+            progress = Progress("oracle: generate", sum(len(output.shard_ids(s)) for s in missing), unit="answers")
             for shard in missing:
                 ids = output.shard_ids(shard)
                 output.write_shard(shard, self.worker()(table.slice(ids.start, len(ids))))
                 self.generated += len(ids)
+                progress.update(len(ids))
             output.finish({"stage": "oracle", "seconds_last_run": round(time.perf_counter() - started, 1)})
         rows = output.read(columns=["query", "response"])
         by_query = dict(zip(rows.column("query").to_pylist(), rows.column("response").to_pylist(), strict=True))
@@ -115,34 +118,75 @@ class OracleEmbedder:
         return self.teacher.embed(self.cache.answers([prompt + text for text in texts]))
 
 
-# The check stage's sample: two STS tasks, whose texts are short requests and statements (cheap to answer), scored
-# on `evaluation.check_pairs` pairs each.
-CHECK_TASKS = ["LocalSTSBenchmark", "LocalSICK-R"]
+# The check stage's pre-flight sample (issue 25): two STS tasks, whose texts are short requests and statements (cheap
+# to answer), and one classification task (Emotion: 6 labels, so one classifier experiment trains on 96 tweets), each
+# on `evaluation.check_pairs` items (pairs, or test rows).
+CHECK_TASKS = ["LocalSTSBenchmark", "LocalSICK-R", "LocalEmotion"]
+CHECK_EXPERIMENTS = 1  # mteb's classifier experiments in the pre-flight: each one adds its training texts to answer
 
 
-def check_oracle(spec: Any, teacher: Any = None) -> dict[str, Any]:
-    """The oracle against the teacher on the inputs, on a small sample of the local STS tasks, before any training:
-    {"teacher": {task: score}, "oracle": {task: score}, "seconds": ..., "answers_generated": ...}. Prints the table."""
-    from components.evaluation.encoders import TeacherEmbedder
+def distillation_verdict(oracle: float, baselines: dict[str, float]) -> tuple[bool, str]:
+    """Can distillation from this backbone and teacher beat the best training-free baseline of the backbone?
+
+    `oracle`: the response oracle's mean score (the teacher on the backbone's own answers: what a student that
+    matched its targets exactly would score); `baselines`: the training-free baselines' mean scores on the same
+    tasks. A student is capped by the oracle (up to generalisation), so when the oracle is not above the best
+    baseline no training can make it beat that baseline: (False, why). Otherwise (True, by how much it could)."""
+    if not baselines:
+        raise ValueError("distillation_verdict needs at least one training-free baseline score")
+    best = max(baselines, key=lambda name: baselines[name])
+    gap = 100 * (oracle - baselines[best])
+    if gap <= 0:
+        return False, (f"pre-flight: distillation CANNOT beat the training-free {best} here: the response oracle "
+                       f"(the ceiling of distilling this teacher) scores {100 * oracle:.1f}, {-gap:.1f} points below "
+                       f"{best}'s {100 * baselines[best]:.1f}; use {best}, or a larger backbone or another teacher")
+    return True, (f"pre-flight: distillation can beat the training-free {best} here: the response oracle scores "
+                  f"{100 * oracle:.1f}, {gap:.1f} points above {best}'s {100 * baselines[best]:.1f} (a student gets "
+                  "there only if it matches its targets closely)")
+
+
+def check_oracle(spec: Any, teacher: Any = None, backbone: Any = None) -> dict[str, Any]:
+    """The pre-flight, before any training: on a small sample of local STS and classification tasks, the teacher on
+    the inputs, the response oracle and the backbone's training-free baselines (those of evaluation.training_free:
+    mean pooling, last token, PromptEOL plain and chat, Echo), and whether distillation can beat the best of those
+    (distillation_verdict). Prints the table and the
+    verdict; returns {"teacher": {task: score}, "oracle": ..., "<baseline>": ..., "best_baseline": name,
+    "can_pay": bool, "verdict": line, "seconds": ..., "answers_generated": ...}."""
+    from components.backbone import load_backbone
+    from components.evaluation.encoders import BackboneReadouts, TeacherEmbedder, prompt_baselines
     from components.evaluation.report import markdown_table
     from components.evaluation.runner import evaluate_embedders
     from components.teacher import load_teacher
 
     evaluation = spec.evaluation.model_copy(update={"limit": spec.evaluation.check_pairs, "tasks": CHECK_TASKS})
+    backbone = backbone or load_backbone(spec.backbone)
     teacher = teacher or load_teacher(spec.teacher, spec.backbone)
     cache = AnswerCache(spec.evaluation.oracle_dir or spec.run_dir / "oracle", spec.backbone, spec.generation)
-    embedders = {"teacher": TeacherEmbedder(teacher), "oracle": OracleEmbedder(cache, teacher, spec.model.prompts)}
+    readouts = BackboneReadouts(backbone, max_tokens=spec.model.max_query_tokens)
+    named = spec.evaluation.training_free  # the spec's training-free baselines (all five unless it names fewer)
+    baselines = {name: readouts.embedder(pooling) for name, pooling in (("mean-pool", "mean"), ("last-token", "last"))
+                 if name in named}
+    baselines |= prompt_baselines(backbone, spec.model.max_query_tokens, named)
+    embedders = {"teacher": TeacherEmbedder(teacher), "oracle": OracleEmbedder(cache, teacher, spec.model.prompts),
+                 **baselines}
     started = time.perf_counter()
-    results, _ = evaluate_embedders(embedders, CHECK_TASKS, evaluation)
+    results, _ = evaluate_embedders(embedders, CHECK_TASKS, evaluation, prepare=one_experiment)
     seconds = time.perf_counter() - started
-    print(f"response oracle vs teacher ({evaluation.size_label}: {evaluation.check_pairs} pairs per task, "
-          f"{cache.generated} answers generated, {seconds:.0f}s):")
+    means = {name: float(np.mean([score.score for score in results[name].values()])) for name in results}
+    can_pay, verdict = distillation_verdict(means["oracle"], {name: means[name] for name in baselines})
+    print(f"pre-flight ({evaluation.size_label}: {evaluation.check_pairs} items per task, {cache.generated} answers "
+          f"generated, {seconds:.0f}s): the teacher on the inputs, the response oracle (the teacher on the backbone's "
+          "answers) and the backbone's training-free baselines:")
     print(markdown_table(results, size=evaluation.size_label), end="")
-    teacher_mean = float(np.mean([score.score for score in results["teacher"].values()]))
-    oracle_mean = float(np.mean([score.score for score in results["oracle"].values()]))
-    verdict = ("the answers carry more than the inputs: distillation can pay" if oracle_mean > teacher_mean else
-               "the answers embed WORSE than the inputs: a student distilled from them is unlikely to beat its teacher")
-    print(f"oracle {100 * oracle_mean:.1f} vs teacher {100 * teacher_mean:.1f} on the inputs: {verdict}")
-    return {"teacher": {task: s.score for task, s in results["teacher"].items()},
-            "oracle": {task: s.score for task, s in results["oracle"].items()},
+    print(f"oracle {100 * means['oracle']:.1f} vs teacher {100 * means['teacher']:.1f} on the inputs; "
+          f"best training-free baseline: {max(baselines, key=lambda name: means[name])}")
+    print(verdict, flush=True)
+    return {**{name: {task: s.score for task, s in scores.items()} for name, scores in results.items()},
+            "best_baseline": max(baselines, key=lambda name: means[name]), "can_pay": can_pay, "verdict": verdict,
             "seconds": seconds, "answers_generated": cache.generated}
+
+
+def one_experiment(task: Any) -> None:
+    """A classification task of the pre-flight trains CHECK_EXPERIMENTS classifiers (fewer training texts to answer)."""
+    if hasattr(task, "n_experiments"):
+        task.n_experiments = min(task.n_experiments, CHECK_EXPERIMENTS)

@@ -74,11 +74,17 @@ def build_tasks(names: list[str], evaluation: EvaluationSpec) -> list[AbsTask]:
     return tasks
 
 
-def evaluate_embedder(embedder: TextEmbedder, task_names: list[str], evaluation: EvaluationSpec) -> dict[str, TaskScore]:
-    """Main (and all scalar) scores of one model on the tasks, computed by mteb's own evaluators."""
+def evaluate_embedder(
+    embedder: TextEmbedder, task_names: list[str], evaluation: EvaluationSpec,
+    prepare: Callable[[AbsTask], None] | None = None,
+) -> dict[str, TaskScore]:
+    """Main (and all scalar) scores of one model on the tasks, computed by mteb's own evaluators (`prepare(task)`,
+    when given, adjusts each task object before it runs: the check stage's pre-flight trains fewer classifiers)."""
     encoder = MtebEncoder(embedder)
     scores: dict[str, TaskScore] = {}
     for task in build_tasks(task_names, evaluation):
+        if prepare is not None:
+            prepare(task)
         metadata, started = task.metadata, time.perf_counter()
         [task_result] = mteb.evaluate(  # one task at a time, so that a long run reports as it goes
             encoder,
@@ -117,6 +123,7 @@ def evaluate_embedders(
     task_names: list[str],
     evaluation: EvaluationSpec,
     after_each: Callable[[dict[str, dict[str, TaskScore]], dict[str, float]], None] | None = None,
+    prepare: Callable[[AbsTask], None] | None = None,
 ) -> tuple[dict[str, dict[str, TaskScore]], dict[str, float]]:
     """({model label: {task: score}}, {model label: seconds}) for every model on the same tasks.
 
@@ -125,7 +132,7 @@ def evaluate_embedders(
     for label, embedder in embedders.items():
         log.info("evaluating %s on %d tasks", label, len(task_names))
         started = time.perf_counter()
-        results[label] = evaluate_embedder(embedder, task_names, evaluation)
+        results[label] = evaluate_embedder(embedder, task_names, evaluation, prepare)
         seconds[label] = time.perf_counter() - started
         log.info("%s done in %.0fs", label, seconds[label])
         if after_each:
