@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from components.generation import ResponseGenerator, backbone_identity, check_backend
 from components.queries import QuerySelection, load_queries
 from components.spec import Spec
 from components.stages import ActorPool, ShardedOutput, run_sharded
+from components.storage import read_parquet
 from components.teacher import TeacherEmbedder, teacher_fingerprint
 from workflows._cli import add_spec_arguments, spec_from_args
 
@@ -109,7 +109,7 @@ def run_teach(spec: Spec, responses: Path | None = None) -> Path:
     started = time.perf_counter()
     written = run_sharded(
         output,
-        lambda shard: pq.read_table(source.shard_path(shard)),
+        lambda shard: read_parquet(source.shard_path(shard)),
         TeacherEmbedder,
         (teacher, spec.backbone),
         ActorPool.of(teacher),
