@@ -156,10 +156,13 @@ class RayNodes:
             # the stage cache), so that nothing the head writes there is visible to it, nor the other way round.
             worker = " ".join([ray, "start", "--block", "--address", self.address, "--node-ip-address", "127.0.0.1",
                                "--num-cpus", str(worker_cpus), "--num-gpus", "0", "--disable-usage-stats", *ports()])
+            # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes `ray start --address` refuse to join; the node's address is
+            # loopback anyway, given by --node-ip-address.)
             self.worker = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                  f"mount -t tmpfs tmpfs /tmp && exec {worker}"],
-                stdout=self.logs[1], stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+                stdout=self.logs[1], stderr=subprocess.STDOUT, start_new_session=True,
+                env=self.env | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
             wait_for(lambda: len(self.alive_nodes()) == 2, "ray worker node", 240, interval=2)
         except BaseException:
             self.stop()

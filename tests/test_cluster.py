@@ -144,8 +144,8 @@ def test_tiny_spec_on_two_nodes_with_s3_and_an_mlflow_server(cluster):
     runs_found = client.search_runs([experiment.experiment_id])
     assert len(runs_found) == 1, "the resumed job must continue the killed job's MLflow run"
     assert "eval.llm2vec-gen.LocalSTSBenchmark" in runs_found[0].data.metrics
-    version = client.get_latest_versions(MODEL_NAME)[0]
-    assert version.run_id == runs_found[0].info.run_id
+    versions = client.search_model_versions(f"name='{MODEL_NAME}'")
+    assert [version.run_id for version in versions] == [runs_found[0].info.run_id]
     assert any(key.startswith("mlartifacts/") and key.endswith("llm2vec_gen.json") for key in s3.keys(BUCKET, "mlartifacts/"))
     assert not (mlflow_server.uri.startswith("sqlite"))
     print("timings (s):", json.dumps({key: round(value) for key, value in timings.items()}))

@@ -105,6 +105,7 @@ def run_evaluation(
     oracle_dir: str | os.PathLike | None = None,
     prompts: str | None = None,
     dtype: str | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model (and, with evaluation.baselines, its teacher and backbone readouts; with the oracle, the
     teacher on the backbone's answers, generated with `generation`, default GenerationSpec(), and cached in
@@ -132,7 +133,9 @@ def run_evaluation(
 
     folder = resolve_model(model_ref)
     started = time.perf_counter()
-    model = LLM2VecGen.load(folder, dtype=dtype)  # dtype: the training precision, from the evaluate stage
+    model = LLM2VecGen.load(folder, dtype=dtype)  # dtype, device: the evaluation actor's (remote.py)
+    if device is not None:
+        model.to(device)
     embedders: dict[str, Any] = {}
     descriptions: dict[str, str] = {}
     sets = prompt_set_names(prompts)

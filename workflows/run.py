@@ -219,6 +219,11 @@ def storage_problem(spec: Spec, stages: list[str]) -> str | None:
             nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     except ImportError:
         pass
+    if working_dir is None and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a job's driver, as Ray starts it
+        import json
+
+        job_config = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])
+        working_dir = (job_config.get("runtime_env") or {}).get("working_dir")
     problem = working_dir_problem(spec.output_dir, run_dir, working_dir)
     if problem:
         return problem

@@ -3,7 +3,8 @@
 On a cluster the driver runs on the head node (no GPU in ray_cluster.yaml); whatever loads a model must run where
 the spec's resources are. `on_evaluation_worker(spec, function, *args)` starts one actor with
 `evaluation.num_cpus` / `evaluation.num_gpus` (unset: a GPU when training used one), runs `function(*args)` there
-and returns its result with where it ran: {"node_id", "device", "dtype"}. Without Ray initialised (the
+and returns its result with where it ran: {"node_id", "device", "hostname"} (the evaluate stage adds "dtype": the
+model is evaluated on the actor's device in the training precision). Without Ray initialised (the
 evaluate command, the check stage on one machine) it runs in this process, as before.
 
 `evaluate_on_worker` is the evaluate stage's use of it: the report is written into the actor's local scratch folder
@@ -60,8 +61,6 @@ class EvaluationWorker:
         self.gpus = gpus
         if cpus >= 1:
             torch.set_num_threads(int(cpus))
-        if gpus and torch.cuda.is_available():
-            torch.set_default_device("cuda")  # models and the tensors built for them land on the actor's GPU
 
     def run(self, function: Callable, args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]]:
         return function(*args, **kwargs), placement(self.gpus)
@@ -94,7 +93,8 @@ def _evaluate_into(output: str, model_ref: str, kwargs: dict[str, Any], where: d
     with tempfile.TemporaryDirectory() as scratch:
         # A local folder is written in place (a stopped run keeps the models it finished); shared storage by copy.
         local = target if isinstance(target, Path) else Path(scratch) / "report"
-        report = run_evaluation(model_ref, output=local, **kwargs)
+        device = placement(where.get("num_gpus", 0))["device"]  # the actor's GPU when it was given one
+        report = run_evaluation(model_ref, output=local, device=device, **kwargs)
         # Where it ran, beside the scores (the driver checks it; a cluster user sees which node did the work).
         results = json.loads((local / "results.json").read_text())
         results["placement"] = where | placement(where.get("num_gpus", 0))
