@@ -146,3 +146,27 @@ def test_a_relative_output_dir_is_refused_under_a_job_working_dir():
     assert storage.working_dir_problem(None, Path("runs/tiny"), None) is None  # one machine: as before
     assert storage.working_dir_problem("/shared/runs", Path("/shared/runs"), "gcs://x") is None
     assert storage.working_dir_problem("s3://b/r", location("s3://b/r"), "gcs://x") is None
+
+
+def test_sqlite_tracking_with_a_run_on_s3_is_refused_and_a_server_is_not(s3, env):
+    from components.spec import load_spec
+    from workflows.run import storage_problem
+
+    env.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = load_spec("specs/tiny.yaml", [f"output_dir=s3://{BUCKET}/runs"])
+    problem = storage_problem(spec, ["generate", "train"])
+    assert problem.startswith(f"tracking: output_dir s3://{BUCKET}/runs is not a local folder, so MLflow needs a "
+                              "tracking server") and "MLFLOW_TRACKING_URI" in problem
+    assert storage_problem(spec, ["generate"]) is None  # nothing is tracked without the train stage
+    served = load_spec("specs/tiny.yaml", [f"output_dir=s3://{BUCKET}/runs", "tracking.tracking_uri=http://127.0.0.1:5000"])
+    assert storage_problem(served, ["generate", "train"]) is None
+
+
+def test_teacher_training_with_a_run_on_s3_is_refused(s3):
+    from components.spec import load_spec
+    from workflows.run import storage_problem
+
+    spec = load_spec("specs/tiny-selfsupervised.yaml", [f"output_dir=s3://{BUCKET}/runs"])
+    if spec.teacher.train is None:
+        pytest.skip("the self-supervised tiny spec no longer trains its teacher")
+    assert storage_problem(spec, ["teacher"]).startswith(f"output_dir s3://{BUCKET}/runs: the teacher stage")

@@ -247,8 +247,8 @@ def stage_evaluate(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
     markdown = output / "results.md"
     if (output / "results.json").is_file() and markdown.is_file():
         log.info("evaluate: %s exists, skipping", output)
-        return {"report": str(markdown), "averages": json.loads((output / "results.json").read_text())["averages"],
-                "evaluation": ran}
+        done = json.loads((output / "results.json").read_text())
+        return {"report": str(markdown), "averages": done["averages"], "evaluation": ran, "placement": done.get("placement")}
     tracking = spec.tracking.enabled and train.get("mlflow_tracking_uri")
     from components.evaluation.remote import evaluate_on_worker
 
