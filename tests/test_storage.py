@@ -170,3 +170,26 @@ def test_teacher_training_with_a_run_on_s3_is_refused(s3):
     if spec.teacher.train is None:
         pytest.skip("the self-supervised tiny spec no longer trains its teacher")
     assert storage_problem(spec, ["teacher"]).startswith(f"output_dir s3://{BUCKET}/runs: the teacher stage")
+
+
+def test_the_train_file_on_s3_is_staged_once_per_node_and_reads_the_same_rows(s3, env, tmp_path):
+    from components.spec import load_spec
+    from components.train_data import training_data_from_rows
+    from components.training import Row
+
+    spec = load_spec("specs/tiny.yaml", [f"output_dir=s3://{BUCKET}/train-file"])
+    rows = [Row(id=f"{i:012d}", query=f"question {i}?", response=f"answer {i}", teacher=(float(i), 1.0, 0.5))
+            for i in range(20)]
+    env.setenv(storage.STAGE_DIR_ENV, str(tmp_path / "driver"))  # the driver's node
+    data = training_data_from_rows(spec, rows, "rowsfp")
+    assert data.path.startswith(f"s3://{BUCKET}/train-file/train_data/") and data.path.endswith("/rows.arrow")
+    assert location(data.path).is_file() and (location(data.path).parent / "meta.json").is_file()
+    assert (tmp_path / "driver" / data.key / "rows.arrow").is_file()  # built there: the driver's staged copy
+    env.setenv(storage.STAGE_DIR_ENV, str(tmp_path / "worker"))  # another node: stages its own copy
+    opened = data.open(spec)
+    assert (tmp_path / "worker" / data.key / "rows.arrow").is_file()
+    queries, responses, targets = opened.batch(list(range(len(opened))))
+    assert sorted(queries) == sorted(row.query for row in rows)
+    # the same rows again: found on S3, nothing rebuilt
+    again = training_data_from_rows(spec, rows, "rowsfp")
+    assert again == data
