@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -122,6 +123,18 @@ class MlflowServer:
         self.log.close()
 
 
+# `ray start --address` for a second node on loopback. With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (every address
+# 127.0.0.1, as this project's machines require) Ray refuses to join a node; with it 1, Ray replaces 127.0.0.1 in
+# --address by the machine's outward IP, where the loopback-only head does not listen. So: the guard passes and
+# addresses stay as given, in this one `ray start` process only.
+JOIN_ON_LOOPBACK = (
+    "import sys; import ray._private.services as services; import ray._private.ray_constants as constants; "
+    "constants.ENABLE_RAY_CLUSTER = True; services.resolve_ip_for_localhost = lambda host: host; "
+    "services.get_node_ip_address = lambda address=None: '127.0.0.1'; "
+    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"
+)
+
+
 class RayNodes:
     """A two-node Ray cluster on this machine: a head without CPUs (as in ray_cluster.yaml: only the driver runs
     there, so every actor and training worker must land on the worker node) and a worker node in its own mount
@@ -154,19 +167,17 @@ class RayNodes:
             self.client = wait_for(self._client, "ray head", 240, interval=2)
             # The worker node: a private tmpfs over /tmp (Ray's session folder with the per-job copies of the project,
             # the stage cache), so that nothing the head writes there is visible to it, nor the other way round.
-            worker = " ".join([ray, "start", "--block", "--address", self.address, "--node-ip-address", "127.0.0.1",
-                               "--num-cpus", str(worker_cpus), "--num-gpus", "0", "--disable-usage-stats", *ports()])
-            # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes `ray start --address` refuse to join; the node's address is
-            # loopback anyway, given by --node-ip-address.)
+            worker = " ".join([str(PYTHON), "-c", shlex.quote(JOIN_ON_LOOPBACK), "start", "--block", "--address",
+                               self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(worker_cpus),
+                               "--num-gpus", "0", "--disable-usage-stats", *ports()])
             self.worker = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                  f"mount -t tmpfs tmpfs /tmp && exec {worker}"],
-                stdout=self.logs[1], stderr=subprocess.STDOUT, start_new_session=True,
-                env=self.env | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+                stdout=self.logs[1], stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
             wait_for(lambda: len(self.alive_nodes()) == 2, "ray worker node", 240, interval=2)
-        except BaseException:
+        except BaseException as err:
             self.stop()
-            raise
+            raise RuntimeError(f"the two-node cluster did not start: {err}\n{self.log_tails()}") from err
 
     def _client(self):
         from ray.job_submission import JobSubmissionClient
@@ -211,3 +222,8 @@ class RayNodes:
         for log in self.logs:
             log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def log_tails(self, chars: int = 3000) -> str:
+        """The end of each node's `ray start` output (for a failure message)."""
+        return "\n".join(f"--- {name}:\n{(self.folder / name).read_text()[-chars:]}"
+                         for name in ("ray-head.log", "ray-worker.log") if (self.folder / name).is_file())
