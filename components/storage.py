@@ -252,7 +252,8 @@ def download(source: Path | RemotePath, local: str | os.PathLike) -> Path:
         else:
             shutil.copyfile(source, local)
         return local
-    local.parent.mkdir(parents=True, exist_ok=True)
+    # (copy_files of a folder needs the local folder to exist; of a file, its parent)
+    (local if source.is_dir() else local.parent).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(source.path, str(local), source_filesystem=source.fs, destination_filesystem=pafs.LocalFileSystem())
     return local
 
