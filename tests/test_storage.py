@@ -193,3 +193,15 @@ def test_the_train_file_on_s3_is_staged_once_per_node_and_reads_the_same_rows(s3
     # the same rows again: found on S3, nothing rebuilt
     again = training_data_from_rows(spec, rows, "rowsfp")
     assert again == data
+
+
+def test_a_folder_on_s3_is_staged_whole(s3, env, tmp_path):
+    env.setenv(storage.STAGE_DIR_ENV, str(tmp_path / "stage"))
+    local = tmp_path / "model"
+    (local / "sub").mkdir(parents=True)
+    (local / "llm2vec_gen.json").write_text("{}")
+    (local / "sub" / "weights.bin").write_bytes(b"\x00\x01")
+    storage.upload(local, location(f"s3://{BUCKET}/folders/model"))
+    copy = storage.staged(f"s3://{BUCKET}/folders/model", "model-key")
+    assert copy.name == "model" and (copy / "llm2vec_gen.json").read_text() == "{}"
+    assert (copy / "sub" / "weights.bin").read_bytes() == b"\x00\x01"
