@@ -95,7 +95,7 @@ def test_tiny_spec_on_two_nodes_with_s3_and_an_mlflow_server(cluster):
     wait_for(checkpoint_written, "a training checkpoint on S3", 900, interval=1)
     pid = nodes.driver_pid(job)
     assert pid, "no driver pid"
-    os.killpg(int(pid), signal.SIGKILL)  # the driver and everything in its process group, as a lost head process would
+    os.killpg(os.getpgid(int(pid)), signal.SIGKILL)  # the driver and its whole process group, as a lost head would
     assert nodes.wait(job, 300) in ("FAILED", "STOPPED")
     killed_logs = nodes.logs_of(job)
     assert "== stage train" in killed_logs and "== stage train done" not in killed_logs, killed_logs[-3000:]
