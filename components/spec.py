@@ -23,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from components.prompts import PROMPT_SETS, prompt_set
 
+if typing.TYPE_CHECKING:
+    from components.storage import RemotePath
+
 
 class SpecError(ValueError):
     """A spec (file, inheritance chain or override) is not valid; the message says where and why."""
@@ -481,6 +484,10 @@ class EvaluationSpec(Section):
     # The check stage's pre-flight: the teacher, the oracle and the training-free baselines on this many items (pairs,
     # test rows) of each of STS-B, SICK-R and Emotion (components/evaluation/oracle.py); 0 skips it.
     check_pairs: int = Field(100, ge=0)
+    # The Ray actor that runs the evaluate and check stages (and the oracle): these resources, so that on a cluster it
+    # lands on a GPU worker, not the driver's node. num_gpus unset: 1 when training.use_gpu, else 0.
+    num_gpus: float | None = Field(None, ge=0)
+    num_cpus: float = Field(1, ge=0)
 
     @property
     def with_oracle(self) -> bool:
@@ -573,7 +580,9 @@ class Spec(Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
-    output_dir: str | None = None  # default runs/<name>
+    # Where every stage writes: default runs/<name>; on a cluster an absolute path that every node mounts, or a URI
+    # (s3://bucket/prefix, gs://..., abfs://...; S3 endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+    output_dir: str | None = None
     backbone: BackboneSpec
     teacher: TeacherSpec
     tokens: TokensSpec = TokensSpec()
@@ -596,8 +605,12 @@ class Spec(Section):
         return self
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir or f"runs/{self.name}")
+    def run_dir(self) -> Path | RemotePath:
+        """A local folder (a Path, as before) or shared storage (a RemotePath for s3://, gs://, abfs://, ...):
+        components/storage.py decides which, so no stage tests a scheme itself."""
+        from components.storage import location
+
+        return location(self.output_dir or f"runs/{self.name}")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -3,14 +3,14 @@
 A stage output lives in a folder named by a hash of everything that determines it, so that a re-run with the same
 inputs finds it and does nothing:
 
-    <run_dir>/<stage>/<key>/
+    <run_dir>/<stage>/<key>/       (run_dir: a local folder or shared storage, components/storage.py)
         inputs.json            what the key is the hash of (for people reading the folder)
         shard-00000.parquet    the rows whose id is in [0, shard_size), sorted by id
         shard-00001.parquet    ...
         _SUCCESS.json          written last, with the stage's counts: its presence means the output is complete
 
-Rows are split into fixed shards by id. Each shard is written to a temporary file and renamed into place, so a
-shard file is either absent or whole, and writing it twice gives the same file. A run that dies (a killed actor,
+Rows are split into fixed shards by id. Each shard is written to a temporary file and renamed into place (on object
+storage: one PUT), so a shard file is either absent or whole, and writing it twice gives the same file. A run that dies (a killed actor,
 a killed driver, an error) leaves some shard files; the next run processes only the missing shards, so nothing
 is generated twice and no row is lost or duplicated.
 
@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
+
+from components import storage
+from components.storage import RemotePath, location
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,16 @@ class ActorPool:
 class ShardedOutput:
     """One stage output: rows with ids 0 .. num_rows - 1, in files of shard_size rows (see the module docstring)."""
 
-    folder: Path
+    folder: Path | RemotePath
     num_rows: int
     shard_size: int
 
     @classmethod
     def open(
-        cls, stage_dir: Path, inputs: dict[str, Any], num_rows: int, shard_size: int, create: bool = True
+        cls, stage_dir: Path | RemotePath, inputs: dict[str, Any], num_rows: int, shard_size: int, create: bool = True
     ) -> ShardedOutput:
         """The output folder for `inputs` under `stage_dir`, created with its inputs.json if new (and `create`)."""
-        folder = Path(stage_dir) / content_key({**inputs, "num_rows": num_rows, "shard_size": shard_size})
+        folder = location(stage_dir) / content_key({**inputs, "num_rows": num_rows, "shard_size": shard_size})
         if create and not (folder / INPUTS_FILE).is_file():
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(folder / INPUTS_FILE, json.dumps(
@@ -85,10 +86,10 @@ class ShardedOutput:
         return cls(folder=folder, num_rows=num_rows, shard_size=shard_size)
 
     @classmethod
-    def load(cls, folder: Path) -> ShardedOutput:
+    def load(cls, folder: str | Path | RemotePath) -> ShardedOutput:
         """A complete output written earlier (its _SUCCESS.json names the row and shard counts)."""
         manifest = read_manifest(folder)
-        return cls(folder=Path(folder), num_rows=manifest["rows"], shard_size=manifest["shard_size"])
+        return cls(folder=location(folder), num_rows=manifest["rows"], shard_size=manifest["shard_size"])
 
     @property
     def key(self) -> str:
@@ -101,10 +102,10 @@ class ShardedOutput:
     def shard_ids(self, shard: int) -> range:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_rows))
 
-    def shard_path(self, shard: int) -> Path:
+    def shard_path(self, shard: int) -> Path | RemotePath:
         return self.folder / f"shard-{shard:05d}.parquet"
 
-    def shard_paths(self) -> list[Path]:
+    def shard_paths(self) -> list[Path | RemotePath]:
         return [self.shard_path(shard) for shard in range(self.num_shards)]
 
     def missing_shards(self) -> list[int]:
@@ -114,7 +115,7 @@ class ShardedOutput:
     def complete(self) -> bool:
         return (self.folder / SUCCESS_FILE).is_file()
 
-    def write_shard(self, shard: int, table: pa.Table) -> Path:
+    def write_shard(self, shard: int, table: pa.Table) -> Path | RemotePath:
         """Write one whole shard atomically; its rows must be exactly the shard's ids."""
         table = table.sort_by("id")
         expected = self.shard_ids(shard)
@@ -122,9 +123,7 @@ class ShardedOutput:
             raise StageError(f"{self.folder}: shard {shard} must hold ids {expected.start}..{expected.stop - 1} once "
                              f"each; got {table.num_rows} rows")
         path = self.shard_path(shard)
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        pq.write_table(table, temporary)
-        os.replace(temporary, path)
+        storage.write_parquet(table, path)
         return path
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
@@ -133,7 +132,7 @@ class ShardedOutput:
         if missing:
             more = "..." if len(missing) > 5 else ""
             raise StageError(f"{self.folder}: incomplete, shards {missing[:5]}{more} missing")
-        return pa.concat_tables([pq.read_table(path, columns=columns) for path in self.shard_paths()])
+        return pa.concat_tables([storage.read_parquet(path, columns=columns) for path in self.shard_paths()])
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Check that every row is present once, then mark the output complete with `summary` and the counts."""
@@ -148,17 +147,15 @@ class ShardedOutput:
         return manifest
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / SUCCESS_FILE
+def read_manifest(folder: str | Path | RemotePath) -> dict[str, Any]:
+    path = location(folder) / SUCCESS_FILE
     if not path.is_file():
         raise StageError(f"{folder}: not a complete stage output (no {SUCCESS_FILE})")
     return json.loads(path.read_text())
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+def atomic_write_text(path: Path | RemotePath, text: str) -> None:
+    storage.atomic_write_text(path, text)
 
 
 # ------------------------------------------------------------------------------------------- running on Ray

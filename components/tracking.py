@@ -6,6 +6,7 @@ Local by default: a SQLite store and an artifact folder inside the run folder. M
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ def tracking_uri(spec: Spec) -> str:
 
 
 def local_store(spec: Spec) -> str:
+    """One machine only: on a cluster (or with the run folder on object storage) a tracking server is required, so
+    that no worker ever writes a SQLite file (workflows.run refuses before the first stage)."""
     return f"sqlite:///{(spec.run_dir / 'mlflow.db').resolve()}"
 
 
@@ -90,8 +93,13 @@ def download_registered_model(uri: str) -> Path:
 
 
 def resolve_model(reference: str | os.PathLike) -> Path:
-    """A model folder path, or an MLflow `models:/` / `runs:/` URI downloaded to a local folder."""
+    """A model folder path, an MLflow `models:/` / `runs:/` URI downloaded to a local folder, or a folder on shared
+    storage (s3://...: components/storage.py) staged on this node."""
     text = str(reference)
     if text.startswith(("models:/", "runs:/")):
         return download_registered_model(text)
+    from components.storage import is_uri, staged
+
+    if is_uri(text):
+        return staged(text, "model-" + hashlib.sha256(text.encode()).hexdigest()[:16])
     return Path(text)

@@ -3,6 +3,9 @@
     prepare_training_data(spec, teach_folder) -> TrainingData     the driver, once per teach output (cached)
     TrainingData.open(spec, model)             -> TrainingRows     each worker: lengths now, rows on demand
 
+With the run folder on shared storage (components/storage.py), the driver writes the file into its node's stage cache
+and uploads it; each node's workers memory-map one local copy, staged on first use under the file's content key.
+
 At the paper's scale (160,000 rows x 4,096 float32 dims, 2.6 GB of targets) the rows must never become Python
 objects: as tuples of floats they take ~8x their float32 size, once on the driver, once in the object store and
 once per worker. Instead the driver streams the teach stage's Parquet shards, one at a time, into
@@ -44,8 +47,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from components import storage
 from components.spec import Spec
 from components.stages import ShardedOutput, StageError, content_key
+from components.storage import RemotePath
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +84,20 @@ class TrainingData:
     def open(self, spec: Spec, model: Any = None, mean: Sequence[float] | None = None) -> TrainingRows:
         return TrainingRows(self, spec, mean)
 
+    @property
+    def key(self) -> str:
+        """The file's content key: the name of its folder (and of its staged copies on every node)."""
+        return storage.location(self.path).parent.name
+
+    def local_path(self) -> str:
+        """The file as this node can memory-map it: where it is, or this node's staged copy of shared storage."""
+        return str(storage.staged(self.path, self.key))
+
     def trainer_datasets(self, spec: Spec | None = None) -> dict:
         return {}  # the workers read the file themselves; nothing goes through Ray Data
 
     def split(self, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-        return split_indices(TrainingFile(self.path).id_hashes(), fraction)
+        return split_indices(TrainingFile(self.local_path()).id_hashes(), fraction)
 
     def train_mean(self, spec: Spec) -> list[float]:
         """The training rows' mean teacher vector (see LossSpec.center_targets), read chunk by chunk.
@@ -95,7 +109,7 @@ class TrainingData:
         keep = np.zeros(self.rows, dtype=bool)
         keep[train] = True
         total, start = np.zeros(self.dimension), 0
-        with pa.OSFile(self.path) as source:
+        with pa.OSFile(self.local_path()) as source:
             reader = pa.ipc.open_file(source)
             for index in range(reader.num_record_batches):
                 column = reader.get_batch(index).column("teacher")
@@ -112,7 +126,7 @@ class TrainingData:
 
 def prepare_training_data(spec: Spec, folder: str | Path) -> TrainingData:
     """The training file of the teach output in `folder` (written now unless an earlier run did)."""
-    output = ShardedOutput.load(Path(folder))
+    output = ShardedOutput.load(folder)
     missing = output.missing_shards()
     if missing:
         raise TrainingDataError(f"{output.folder}: incomplete, shards {missing[:5]} missing; rerun the teach stage")
@@ -139,11 +153,13 @@ def _prepare(spec: Spec, fingerprint: str, chunks, source_name: str) -> Training
     # Token counts depend on the tokenizer only; the backbone's identity names it (a changed folder, a new key).
     key = content_key({"format": FORMAT, "rows": fingerprint, "backbone": spec.backbone.model_dump(mode="json"),
                        "backbone_fingerprint": backbone_identity(spec.backbone).fingerprint})
-    folder = spec.run_dir / "train_data" / key
-    meta = folder / META
+    shared = spec.run_dir / "train_data" / key
+    meta = shared / META
     if meta.is_file():
         info = json.loads(meta.read_text())
-        return TrainingData(str((folder / FILE).resolve()), info["rows"], info["dimension"], fingerprint)
+        return TrainingData(str((shared / FILE).resolve()), info["rows"], info["dimension"], fingerprint)
+    # On shared storage the file is written into this node's stage cache (its staged copy), then uploaded.
+    folder = shared if not isinstance(shared, RemotePath) else storage.stage_root() / key
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(spec.backbone)
     temporary = folder / f".{FILE}.{uuid.uuid4().hex}.tmp"
@@ -171,9 +187,11 @@ def _prepare(spec: Spec, fingerprint: str, chunks, source_name: str) -> Training
         temporary.unlink(missing_ok=True)
     info = {"rows": rows, "dimension": dimension, "skipped_empty_responses": skipped, "source": source_name,
             "fingerprint": fingerprint}
-    meta.write_text(json.dumps(info, indent=2))
-    log.info("train data: %d rows x %d dims at %s (%d empty responses left out)", rows, dimension, folder, skipped)
-    return TrainingData(str((folder / FILE).resolve()), rows, dimension, fingerprint)
+    if folder != shared:
+        storage.upload(folder / FILE, shared / FILE)
+    meta.write_text(json.dumps(info, indent=2))  # last: the file is complete
+    log.info("train data: %d rows x %d dims at %s (%d empty responses left out)", rows, dimension, shared, skipped)
+    return TrainingData(str((shared / FILE).resolve()), rows, dimension, fingerprint)
 
 
 def _teach_chunks(output: ShardedOutput) -> Iterator[tuple[str, pa.Table]]:
@@ -195,10 +213,10 @@ def _teach_chunks(output: ShardedOutput) -> Iterator[tuple[str, pa.Table]]:
         yield str(path), table.set_column(table.schema.get_field_index("id"), "id", text_ids)
 
 
-def read_shard(path: Path) -> pa.Table:
+def read_shard(path: Path | RemotePath) -> pa.Table:
     """One teach shard with the columns training needs; a cut-off or unreadable file is an error naming it."""
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(storage.readable(path))
         names = parquet.schema_arrow.names
     except (OSError, pa.ArrowException) as err:
         raise TrainingDataError(f"{path}: not a readable Parquet file ({err}); it was cut off or overwritten. Delete it "
@@ -421,7 +439,7 @@ class TrainingRows:
     the rows of one micro batch, the init sample or the held-out sample, with targets centred when asked."""
 
     def __init__(self, data: TrainingData, spec: Spec, mean: Sequence[float] | None = None):
-        self.file = TrainingFile(data.path)
+        self.file = TrainingFile(data.local_path())
         self.spec = spec
         train, holdout = split_indices(self.file.id_hashes(), spec.data.holdout_fraction)
         self.train = train

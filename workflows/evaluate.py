@@ -108,6 +108,8 @@ def run_evaluation(
     generation: GenerationSpec | None = None,
     oracle_dir: str | os.PathLike | None = None,
     prompts: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model (and, with evaluation.baselines, its teacher and backbone readouts; with the oracle, the
     teacher on the backbone's answers, generated with `generation`, default GenerationSpec(), and cached in
@@ -135,7 +137,9 @@ def run_evaluation(
 
     folder = resolve_model(model_ref)
     started = time.perf_counter()
-    model = LLM2VecGen.load(folder)
+    model = LLM2VecGen.load(folder, dtype=dtype)  # dtype, device: the evaluation actor's (remote.py)
+    if device is not None:
+        model.to(device)
     embedders: dict[str, Any] = {}
     descriptions: dict[str, str] = {}
     sets = prompt_set_names(prompts)
@@ -256,20 +260,25 @@ def stage_evaluate(spec: Spec, results: dict[str, Any]) -> dict[str, Any]:
     markdown = output / "results.md"
     if (output / "results.json").is_file() and markdown.is_file():
         log.info("evaluate: %s exists, skipping", output)
-        return {"report": str(markdown), "averages": json.loads((output / "results.json").read_text())["averages"],
-                "evaluation": ran}
+        done = json.loads((output / "results.json").read_text())
+        return {"report": str(markdown), "averages": done["averages"], "evaluation": ran, "placement": done.get("placement")}
     tracking = spec.tracking.enabled and train.get("mlflow_tracking_uri")
-    report = run_evaluation(
+    from components.evaluation.remote import evaluate_on_worker
+
+    # On the evaluation actor (the spec's evaluation resources: a GPU worker on a cluster), not in the driver.
+    report = evaluate_on_worker(
+        spec,
         train["model_dir"],
-        evaluation,
         output,
+        evaluation=evaluation,
         teacher=spec.teacher,
         tracking_uri=train.get("mlflow_tracking_uri") if tracking else None,
         run_id=train.get("mlflow_run_id") if tracking else None,
         generation=spec.generation,
         oracle_dir=spec.evaluation.oracle_dir or spec.run_dir / "oracle",
     )
-    return {"report": str(report["paths"]["markdown"]), "averages": report["averages"], "evaluation": ran}
+    return {"report": str(report["paths"]["markdown"]), "averages": report["averages"], "evaluation": ran,
+            "placement": report["placement"]}
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from components.generation import (
     Generated,
@@ -40,6 +39,7 @@ from components.generation import (
 from components.queries import QuerySelection, load_queries
 from components.spec import GenerationSpec, Spec
 from components.stages import ActorPool, ShardedOutput, run_sharded
+from components.storage import read_parquet
 from components.teacher import TeacherEmbedder, teacher_fingerprint
 from workflows._cli import add_spec_arguments, spec_from_args
 
@@ -150,7 +150,7 @@ def run_teach(spec: Spec, responses: Path | None = None) -> Path:
     started = time.perf_counter()
     written = run_sharded(
         output,
-        lambda shard: pq.read_table(source.shard_path(shard)),
+        lambda shard: read_parquet(source.shard_path(shard)),
         TeacherEmbedder,
         (teacher, spec.backbone),
         ActorPool.of(teacher),

@@ -11,6 +11,13 @@ run; `evaluation.suite: none` skips it). Each stage is skipped when its output e
 inputs, so a rerun after a failure continues where it stopped. Connects to the cluster in RAY_ADDRESS (as under
 `ray job submit`), else starts a local Ray on loopback. A bad spec exits with status 2 and a message naming the
 key; a failing stage exits with status 1 and names the stage.
+
+--output-dir (the spec's output_dir) puts every stage's output on shared storage: an absolute path every node mounts
+or a URI (s3://, gs://, abfs://; components/storage.py). Before the first stage the run's storage is checked, and
+what cannot work is refused with one line naming the fix (exit status 2): a relative output_dir under
+`ray job submit --working-dir`, a folder the cluster's nodes do not share, storage that cannot be reached, or a
+SQLite MLflow store on a cluster. The check and evaluate stages run in a Ray actor with evaluation.num_cpus /
+num_gpus (components/evaluation/remote.py); the driver only collects their results.
 """
 
 from __future__ import annotations
@@ -28,9 +35,19 @@ from components.spec import Spec
 from workflows._cli import add_spec_arguments, spec_from_args
 
 log = logging.getLogger("workflows.run")
+# A cluster's run storage (set on the head by ray_cluster.yaml): runs of specs without output_dir go to <it>/<name>.
+OUTPUT_DIR_ENV = "LLM2VEC_GEN_OUTPUT_DIR"
 
 
 def stage_check(spec: Spec, _results: dict[str, Any]) -> dict[str, Any]:
+    """check_model on the evaluation actor (components/evaluation/remote.py): where the model would be evaluated."""
+    from components.evaluation.remote import on_evaluation_worker
+
+    result, where = on_evaluation_worker(spec, check_model, spec)
+    return result | {"placement": where}
+
+
+def check_model(spec: Spec) -> dict[str, Any]:
     """Load the backbone, build the (untrained) model, and encode and decode a few texts."""
     from components.backbone import load_backbone
     from components.model import LLM2VecGen
@@ -128,6 +145,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m workflows.run", description=__doc__.split("\n\n")[0])
     add_spec_arguments(parser)
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma-separated, from: {', '.join(STAGES)}")
+    parser.add_argument("--output-dir", help="the spec's output_dir: an absolute path every node mounts, or a URI "
+                        "(s3://bucket/prefix, gs://..., abfs://...) for a run on a cluster")
     parser.add_argument("--dry-run", action="store_true", help="validate the spec and exit")
     parser.add_argument("--print-spec", action="store_true", help="print the fully resolved spec")
     return parser.parse_args(argv)
@@ -135,9 +154,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.output_dir:
+        args.set = [*args.set, f"output_dir={args.output_dir}"]
     spec = spec_from_args(args)
     if spec is None:
         return 2
+    if spec.output_dir is None and os.environ.get(OUTPUT_DIR_ENV):  # the cluster's run storage (ray_cluster.yaml)
+        spec = spec.model_copy(update={"output_dir": f"{os.environ[OUTPUT_DIR_ENV].rstrip('/')}/{spec.name}"})
     if args.print_spec:
         print(spec.to_yaml(), end="")
     if args.dry_run:
@@ -157,8 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
+    from components.storage import StorageError, check_reachable
+
+    try:  # before Ray starts: unreachable storage is refused in seconds
+        check_reachable(spec.run_dir)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     _connect_ray(stages)
+    problem = storage_problem(spec, stages)  # before the first stage: nothing is written when the run cannot work
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for name in stages:
@@ -180,9 +214,51 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def storage_problem(spec: Spec, stages: list[str]) -> str | None:
+    """One line naming what cannot work about where this run writes, and the fix; None when it can run."""
+    from components.storage import RemotePath, StorageError, check_reachable, check_shared, working_dir_problem
+    from components.tracking import local_store, tracking_uri
+
+    run_dir = spec.run_dir
+    working_dir = None
+    nodes: list[str] = []
+    try:
+        import ray
+
+        if ray.is_initialized():
+            working_dir = ray.get_runtime_context().runtime_env.get("working_dir")
+            nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    except ImportError:
+        pass
+    if working_dir is None and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a job's driver, as Ray starts it
+        import json
+
+        job_config = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])
+        working_dir = (job_config.get("runtime_env") or {}).get("working_dir")
+    problem = working_dir_problem(spec.output_dir, run_dir, working_dir)
+    if problem:
+        return problem
+    remote = isinstance(run_dir, RemotePath)
+    if remote and spec.teacher.train is not None:
+        return (f"output_dir {run_dir}: the teacher stage (teacher.train) still writes a local folder; train the teacher "
+                "with an output_dir that every node mounts, then name its folder in teacher.name")
+    try:
+        check_reachable(run_dir)  # (again: cheap, and storage_problem stands alone)
+        check_shared(run_dir, nodes)
+    except StorageError as err:
+        return str(err)
+    uri = tracking_uri(spec)
+    tracked = spec.tracking.enabled and "train" in stages
+    if tracked and (remote or len(nodes) > 1) and (uri == local_store(spec) or uri.startswith(("sqlite:", "file:"))):
+        where = f"output_dir {run_dir} is not a local folder" if remote else f"the cluster has {len(nodes)} nodes"
+        return (f"tracking: {where}, so MLflow needs a tracking server, not the SQLite store {uri}: set "
+                "MLFLOW_TRACKING_URI or tracking.tracking_uri (ray_cluster.yaml starts one on the head)")
+    return None
+
+
 def _connect_ray(stages: list[str]) -> None:
-    if stages == ["check"]:
-        return
+    if stages == ["check"] and not os.environ.get("RAY_ADDRESS"):
+        return  # one machine: the check runs in this process; under a job it runs on the evaluation actor
     # Loopback only on a local machine (see README); RAY_ADDRESS, set by `ray job submit`, wins when present.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -212,7 +288,9 @@ def summary(spec: Spec, results: dict[str, Any], timings: dict[str, float]) -> s
     if report:
         lines.append(f"  report       {report}")
         # The score table itself (tasks x models), as the report has it.
-        table = [line for line in Path(report).read_text().splitlines() if line.startswith("|")]
+        from components.storage import location
+
+        table = [line for line in location(report).read_text().splitlines() if line.startswith("|")]
         lines += [f"  {line}" for line in table]
     lines.append("  stage        seconds")
     lines += [f"  {name:<12} {seconds:8.1f}" for name, seconds in timings.items()]

@@ -28,6 +28,7 @@ import torch
 
 from components.reporting import MetricsSender
 from components.spec import Spec, validate_spec
+from components.storage import RemotePath, download, filesystem_and_path, location, upload
 from components.train_data import TrainingData, training_data_from_rows
 from components.training import Row
 
@@ -96,17 +97,22 @@ def run_train(
     name = training_run_name(spec, rows_fingerprint)
     output = (spec.run_dir / "train" / name).resolve()
     model_dir = output / MODEL_DIR
-    if (model_dir / "llm2vec_gen.json").is_file():
+    if (output / "result.json").is_file() and (model_dir / "llm2vec_gen.json").is_file():  # result.json: written last
         log.info("training: %s exists, skipping", model_dir)
         return json.loads((output / "result.json").read_text())
     storage = (spec.run_dir / "ray_train").resolve()
+    # Ray Train's own idiom for shared storage: a path inside a pyarrow filesystem (None: a local folder).
+    storage_filesystem, storage_path = filesystem_and_path(storage)
     # A whole-table statistic is computed here once, chunk by chunk, rather than by every worker over every row.
     mean = data.train_mean(spec) if spec.loss.center_targets else None
     datasets = data.trainer_datasets(spec)
+    previous = latest_checkpoint(storage / name)
+    if previous is not None:
+        print(f"train: resuming {name} from {previous}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "spec": spec.to_pinned_dict(),
+            "spec": _pinned(spec),
             "embedding_dim": embedding_dim,
             "output": str(output),
             "name": name,
@@ -127,7 +133,8 @@ def run_train(
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=spec.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],
@@ -137,7 +144,33 @@ def run_train(
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     summary = json.loads((output / "result.json").read_text())
+    if isinstance(location(getattr(data, "path", "")), RemotePath):  # (a test's in-memory rows have no file)
+        drop_staged_copies(data.key)
     return summary
+
+
+def drop_staged_copies(key: str) -> None:
+    """Training is done: every alive node removes its staged copy of the train file (components/storage.py)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from components.storage import drop_staged
+
+    drop = ray.remote(num_cpus=0)(drop_staged)
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    ray.get([drop.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote(key)
+             for node in nodes])
+
+
+def _pinned(spec: Spec) -> dict[str, Any]:
+    """The spec as the workers get it: the run folder absolute and the MLflow store the driver chose (its
+    MLFLOW_TRACKING_URI, e.g. the head's tracking server), so that rank 0 never falls back to a SQLite file of its own."""
+    from components.tracking import tracking_uri
+
+    pinned = spec.to_pinned_dict()
+    if spec.tracking.enabled:
+        pinned["tracking"] = pinned["tracking"] | {"tracking_uri": tracking_uri(spec)}
+    return pinned
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -164,7 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     training = spec.training
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    output = Path(config["output"])
+    output = location(config["output"])  # a local folder or shared storage
     torch.manual_seed(training.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
@@ -182,7 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Ray registers a reported checkpoint only when its controller next polls the workers: a run that dies just
     # after reporting (or a driver killed) leaves a newer, complete checkpoint on disk than the one Ray hands back,
     # or none at all. A re-run of the same spec starts from the newest complete one (same name, same folder).
-    on_disk = latest_checkpoint(Path(config["checkpoints"])) if config.get("checkpoints") else None
+    on_disk = latest_checkpoint(location(config["checkpoints"])) if config.get("checkpoints") else None
     checkpoint = ray.train.get_checkpoint()
     resuming = on_disk is not None or checkpoint is not None
     if not resuming and (spec.model.reconstruction_init == "moments" or spec.model.alignment_init == "ridge"):
@@ -209,11 +242,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     start_step, run_id = 0, None
     if resuming:
-        with contextlib.nullcontext(str(on_disk)) if on_disk is not None else checkpoint.as_directory() as folder:
+        with _local(on_disk) if on_disk is not None else checkpoint.as_directory() as folder:
             _, client_state = engine.load_checkpoint(folder, tag="state")
         start_step, run_id = client_state["step"], client_state.get("mlflow_run_id")
     if start_step:
-        log.info("rank %d resumed at step %d", rank, start_step)
+        print(f"rank {rank} resumed at step {start_step}", flush=True)  # stdout: it reaches the job's log
 
     tracker = _Tracker(spec, config["name"], run_id, config.get("parent_run_id")) if rank == 0 and spec.tracking.enabled else None
     if tracker and holdout and start_step == 0:
@@ -294,14 +327,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.info("after the refit: %s", refit)
                 if tracker:
                     tracker.log({f"refit_{key}": value for key, value in refit.items()}, training.max_steps)
-        model.save(output / MODEL_DIR)
-        summary = {"model_dir": str(output / MODEL_DIR), "steps": training.max_steps}
-        if tracker:
-            summary |= tracker.finish(output / MODEL_DIR)
+        with tempfile.TemporaryDirectory() as scratch:
+            # Saved locally (the tracker logs a local folder), then copied to the run's storage when it is shared.
+            local_model = model.save((output if not isinstance(output, RemotePath) else Path(scratch)) / MODEL_DIR)
+            if isinstance(output, RemotePath):
+                upload(local_model, output / MODEL_DIR)
+            summary = {"model_dir": str(output / MODEL_DIR), "steps": training.max_steps}
+            if tracker:
+                summary |= tracker.finish(local_model)
         (output / "result.json").write_text(json.dumps(summary, indent=2))
 
 
-def _write_worker_stats(output: Path, rank: int, started: float | None, loop_started: float, step_times: list[float]) -> None:
+def _write_worker_stats(output: Path | RemotePath, rank: int, started: float | None, loop_started: float, step_times: list[float]) -> None:
     """workers/rank-<r>.json in the training folder: this worker's peak RSS, when its first step ended and its
     step rate (the first step excluded), so that the memory and the start-up cost of a run can be read back."""
     import resource
@@ -344,7 +381,17 @@ def _fit_heads(model, rows, spec: Spec, reconstruction: str, alignment: str) -> 
                     spec.model.init_ridge)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+@contextlib.contextmanager
+def _local(folder: Path | RemotePath):
+    """A checkpoint folder as a local path DeepSpeed can load: itself, or a temporary copy from shared storage."""
+    if not isinstance(folder, RemotePath):
+        yield str(folder)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        yield str(download(folder, Path(scratch) / folder.name))
+
+
+def latest_checkpoint(root: Path | RemotePath) -> Path | RemotePath | None:
     """The newest checkpoint folder under a Ray Train run folder that was completely written (has COMPLETE)."""
     complete = [folder for folder in root.glob("checkpoint_*") if (folder / COMPLETE).is_file() and (folder / "state").is_dir()]
     return max(complete, key=lambda folder: json.loads((folder / COMPLETE).read_text())["step"], default=None)

@@ -34,6 +34,7 @@ from components.evaluation.progress import Progress
 from components.generation import ResponseGenerator, backbone_identity
 from components.spec import BackboneSpec, GenerationSpec
 from components.stages import ShardedOutput
+from components.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class AnswerCache:
     """The backbone's answers to lists of queries, cached by content under `folder`."""
 
     def __init__(self, folder: str | Path, backbone: BackboneSpec, generation: GenerationSpec):
-        self.folder = Path(folder)
+        self.folder = location(folder)  # a local folder or shared storage (components/storage.py)
         self.backbone = backbone
         self.generation = greedy(generation)
         self.generated = 0  # answers generated (not read from the cache) by this object
