@@ -485,9 +485,12 @@ class EvaluationSpec(Section):
     # test rows) of each of STS-B, SICK-R and Emotion (components/evaluation/oracle.py); 0 skips it.
     check_pairs: int = Field(100, ge=0)
     # The Ray actor that runs the evaluate and check stages (and the oracle): these resources, so that on a cluster it
-    # lands on a GPU worker, not the driver's node. num_gpus unset: 1 when training.use_gpu, else 0.
+    # lands on a GPU worker, not the driver's node. num_gpus unset: 1 when training.use_gpu, else 0. num_cpus unset:
+    # Ray reserves 1 CPU, and a CPU-only evaluation computes with every core of its node, as the driver did before
+    # the actor existed (Ray would otherwise pin torch to 1 thread: half the speed of the 2-core default job); set a
+    # number to reserve, and compute with, that many.
     num_gpus: float | None = Field(None, ge=0)
-    num_cpus: float = Field(1, ge=0)
+    num_cpus: float | None = Field(None, ge=0)
 
     @property
     def with_oracle(self) -> bool:

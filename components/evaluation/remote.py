@@ -26,7 +26,16 @@ log = logging.getLogger(__name__)
 def evaluation_resources(spec: Any) -> dict[str, float]:
     evaluation = spec.evaluation
     gpus = evaluation.num_gpus if evaluation.num_gpus is not None else (1 if spec.training.use_gpu else 0)
-    return {"num_cpus": evaluation.num_cpus, "num_gpus": gpus}
+    return {"num_cpus": 1 if evaluation.num_cpus is None else evaluation.num_cpus, "num_gpus": gpus}
+
+
+def torch_threads(num_cpus: float | None, gpus: float) -> int | None:
+    """Threads for torch in the evaluation actor: the spec's num_cpus, or (unset, no GPU) every core of the node.
+
+    None leaves torch as it is (a GPU evaluation needs no CPU threads beyond Ray's default)."""
+    if num_cpus is not None:
+        return max(1, int(num_cpus))
+    return None if gpus else len(os.sched_getaffinity(0))
 
 
 def training_dtype(spec: Any) -> str:
@@ -55,12 +64,12 @@ def placement(gpus: float) -> dict[str, Any]:
 class EvaluationWorker:
     """The actor: one call, then the driver kills it (its model memory goes with it)."""
 
-    def __init__(self, gpus: float, cpus: float):
+    def __init__(self, gpus: float, threads: int | None):
         import torch
 
         self.gpus = gpus
-        if cpus >= 1:
-            torch.set_num_threads(int(cpus))
+        if threads:
+            torch.set_num_threads(threads)
 
     def run(self, function: Callable, args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]]:
         return function(*args, **kwargs), placement(self.gpus)
@@ -73,7 +82,8 @@ def on_evaluation_worker(spec: Any, function: Callable, *args: Any, **kwargs: An
     resources = evaluation_resources(spec)
     if not ray.is_initialized():
         return function(*args, **kwargs), placement(resources["num_gpus"])
-    actor = ray.remote(**resources)(EvaluationWorker).remote(resources["num_gpus"], resources["num_cpus"])
+    threads = torch_threads(spec.evaluation.num_cpus, resources["num_gpus"])
+    actor = ray.remote(**resources)(EvaluationWorker).remote(resources["num_gpus"], threads)
     try:
         result, where = ray.get(actor.run.remote(function, args, kwargs))
     finally:
