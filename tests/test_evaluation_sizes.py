@@ -264,3 +264,81 @@ def test_the_verdict_says_distillation_cannot_beat_a_baseline_that_the_oracle_is
     assert can and "can beat the training-free echo" in line and "18.0 points above" in line
     with pytest.raises(ValueError, match="at least one"):
         oracle_module.distillation_verdict(0.5, {})
+
+
+class Words:
+    """A lexical teacher: a text's vector is its bag of lower-cased words, hashed into 512 counts (a classic
+    training-free embedder that carries what the words of a text say, and nothing else)."""
+
+    dimension = 512
+
+    def embed(self, texts):
+        import re
+        import zlib
+
+        vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in re.findall(r"\w+", text.lower()):
+                vectors[row, zlib.crc32(word.encode()) % self.dimension] += 1
+        return vectors
+
+
+def answer_by_repeating_the_question(oracle_dir: Path) -> int:
+    """Make every cached answer under `oracle_dir` the question itself, in the cache's own files (what a backbone
+    that answers by repeating its input would have written there); returns the number of answers rewritten."""
+    from components import storage
+    from components.stages import ShardedOutput
+
+    rewritten = 0
+    for folder in sorted(path for path in oracle_dir.iterdir() if path.is_dir()):
+        output = ShardedOutput.load(folder)  # a complete answer list (the check wrote it whole)
+        for shard in range(output.num_shards):
+            table = storage.read_parquet(output.shard_path(shard))
+            table = table.set_column(table.schema.get_field_index("response"), "response", table.column("query"))
+            output.write_shard(shard, table)
+            rewritten += table.num_rows
+    return rewritten
+
+
+def printed_averages(out: str) -> dict[str, float]:
+    """The average row of the pre-flight's printed table, by column label."""
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("| task ("))
+    average = next(line for line in lines if line.startswith("| **average**"))
+    labels = [cell.strip() for cell in header.strip("|").split("|")][3:]
+    cells = [cell.strip().strip("*") for cell in average.strip("|").split("|")][3:]
+    return dict(zip(labels, map(float, cells), strict=True))
+
+
+@needs_data
+def test_the_pre_flight_says_can_when_the_answers_carry_the_inputs_to_a_teacher_that_reads_them(tmp_path, capsys):
+    """The twin of the CANNOT test, on the tiny backbone with a lexical teacher and nothing mocked: the tiny random
+    backbone's own answers (two tokens of noise) carry nothing of the inputs, and the verdict is CANNOT; seeded into
+    the answer cache, answers that repeat the question carry all of it, so the oracle is the teacher on the prompted
+    inputs, bag-of-words beats the random backbone's readouts on STS and Emotion, and the verdict flips to can, with
+    nothing changed but the answers."""
+    oracle_dir = tmp_path / "oracle"
+    spec = load_spec("specs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "evaluation.check_pairs=30",
+                                         "generation.max_new_tokens=2", f"evaluation.oracle_dir={oracle_dir}"])
+    baselines = ["mean-pool", "last-token", "prompteol", "prompteol-chat", "echo"]
+    noise = oracle_module.check_oracle(spec, teacher=Words())
+    assert noise["answers_generated"] > 0 and not noise["can_pay"]
+    assert noise["verdict"].startswith("pre-flight: distillation CANNOT beat")
+    capsys.readouterr()
+
+    assert answer_by_repeating_the_question(oracle_dir) == noise["answers_generated"]
+    echo = oracle_module.check_oracle(spec, teacher=Words())
+    out = capsys.readouterr().out
+    assert echo["answers_generated"] == 0  # every answer came from the seeded cache
+    assert echo["can_pay"] and echo["verdict"].startswith("pre-flight: distillation can beat the training-free")
+    assert echo["verdict"] in out.splitlines()
+    # the printed table says the same: the oracle's average is above every training-free baseline's
+    printed = printed_averages(out)
+    best = max(baselines, key=printed.get)
+    assert list(printed) == ["teacher", "oracle", *baselines] and echo["best_baseline"] == best
+    assert printed["oracle"] > printed[best] and f"training-free {best} here" in echo["verdict"]
+    assert f"oracle scores {printed['oracle']:.1f}, " in echo["verdict"]  # the verdict quotes the table's averages
+    assert f"points above {best}'s {printed[best]:.1f} " in echo["verdict"]
+    # the teacher and the baselines do not read the answers: only the oracle moved
+    assert all(echo[name] == noise[name] for name in ["teacher", *baselines])
+    assert np.mean(list(echo["oracle"].values())) > np.mean(list(noise["oracle"].values()))
