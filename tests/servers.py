@@ -135,6 +135,22 @@ JOIN_ON_LOOPBACK = (
 )
 
 
+def set_auth_mode(mode: str | None) -> None:
+    """RAY_AUTH_MODE for this process, and Ray's cached copy of it.
+
+    Ray reads the variable once into its config: changing the variable alone leaves this process's clients on the
+    old mode while a later ray.init() starts its GCS with the new one, and every later test's local Ray then fails
+    with "Failed to start GCS ... InvalidAuthToken". Ray refreshes its config the same way when it turns token
+    auth on itself."""
+    from ray._raylet import Config
+
+    if mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = mode
+    Config.initialize("")
+
+
 class RayNodes:
     """A two-node Ray cluster on this machine: a head without CPUs (as in ray_cluster.yaml: only the driver runs
     there, so every actor and training worker must land on the worker node) and a worker node in its own mount
@@ -145,7 +161,8 @@ class RayNodes:
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        os.environ["RAY_AUTH_MODE"] = "token"  # this process's job SDK sends the token (~/.ray/auth_token)
+        self.auth_mode_before = os.environ.get("RAY_AUTH_MODE")
+        set_auth_mode("token")  # this process's job SDK sends the token (~/.ray/auth_token); undone by stop()
         self.env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
         self.env.pop("RAY_ADDRESS", None)
         self.temp_dir = folder / "rh"
@@ -222,6 +239,7 @@ class RayNodes:
         for log in self.logs:
             log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        set_auth_mode(self.auth_mode_before)
 
     def log_tails(self, chars: int = 3000) -> str:
         """The end of each node's `ray start` output (for a failure message)."""
