@@ -3,8 +3,9 @@
     S3Server      moto in server mode (an S3-compatible endpoint that checks credentials)
     MlflowServer  `mlflow server`: SQLite backend store in a local folder, artifacts on the S3 server
     RayNodes      a head (`ray start --head`, no CPUs: nothing but the driver runs there) and a worker node whose
-                  processes live in their own mount namespace with a private tmpfs over /tmp, so that they cannot
-                  see any file the head node writes under /tmp (Ray's per-job copies of the project among them)
+                  processes live in their own mount namespace with private tmpfs mounts over the test's folder (the
+                  head's Ray session and TMPDIR) and /tmp/ray, so that they cannot see any file the head node writes
+                  there (Ray's per-job copies of the project among them)
 
 Every process is started in its own process group and ended by that group's id, never by name (several test
 sessions may share the machine).
@@ -151,6 +152,15 @@ def set_auth_mode(mode: str | None) -> None:
     Config.initialize("")
 
 
+def private_folders(folder: Path) -> str:
+    """Shell commands, run in the worker node's own mount namespace, that hide from it what the head writes: the
+    test's folder (the head's Ray session with the per-job copies of the project, the head's TMPDIR) and Ray's
+    default session folder, each under an empty tmpfs. Not a tmpfs over all of /tmp: the project and its venv may
+    live there (a CI clone), and the worker must run the same Python."""
+    return (f"mount -t tmpfs tmpfs {shlex.quote(str(folder))} && mkdir -p {shlex.quote(str(folder / 'tmp'))} "
+            "&& mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray")
+
+
 class RayNodes:
     """A two-node Ray cluster on this machine: a head without CPUs (as in ray_cluster.yaml: only the driver runs
     there, so every actor and training worker must land on the worker node) and a worker node in its own mount
@@ -163,7 +173,10 @@ class RayNodes:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.auth_mode_before = os.environ.get("RAY_AUTH_MODE")
         set_auth_mode("token")  # this process's job SDK sends the token (~/.ray/auth_token); undone by stop()
-        self.env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
+        # The head and its jobs' drivers keep their temporary files inside the test's folder (hidden from the worker).
+        (folder / "tmp").mkdir(exist_ok=True)
+        self.env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{BIN}:{os.environ['PATH']}",
+                                 "TMPDIR": str(folder / "tmp")}
         self.env.pop("RAY_ADDRESS", None)
         self.temp_dir = folder / "rh"
         self.logs = [open(folder / "ray-head.log", "w"), open(folder / "ray-worker.log", "w")]
@@ -182,14 +195,14 @@ class RayNodes:
             stdout=self.logs[0], stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         try:
             self.client = wait_for(self._client, "ray head", 240, interval=2)
-            # The worker node: a private tmpfs over /tmp (Ray's session folder with the per-job copies of the project,
-            # the stage cache), so that nothing the head writes there is visible to it, nor the other way round.
+            # The worker node: private tmpfs mounts (private_folders: the head's Ray session with the per-job copies
+            # of the project, the head's TMPDIR with the stage cache), so nothing the head writes there is visible to it.
             worker = " ".join([str(PYTHON), "-c", shlex.quote(JOIN_ON_LOOPBACK), "start", "--block", "--address",
                                self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(worker_cpus),
                                "--num-gpus", "0", "--disable-usage-stats", *ports()])
             self.worker = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                 f"mount -t tmpfs tmpfs /tmp && exec {worker}"],
+                 f"{private_folders(folder)} && exec {worker}"],
                 stdout=self.logs[1], stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
             wait_for(lambda: len(self.alive_nodes()) == 2, "ray worker node", 240, interval=2)
         except BaseException as err:
