@@ -68,6 +68,9 @@ class EvaluationWorker:
         import torch
 
         self.gpus = gpus
+        # The progress lines of long encodes (components/evaluation/progress.py) are INFO logs: an actor's root logger
+        # drops them unless configured, as workflows.run configures the driver's.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         if threads:
             torch.set_num_threads(threads)
 
