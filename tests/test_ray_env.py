@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from components.ray_env import JOB_CONFIG_ENV, worker_env_vars
+from tests.servers import stop_group
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -85,12 +85,7 @@ def ray_head_without_token(tmp_path):
             pytest.fail(f"ray head did not start: {(tmp_path / 'ray-head.log').read_text()[-2000:]}")
         time.sleep(1)
     yield env, f"127.0.0.1:{port}"
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+    stop_group(head, grace=60)
     log.close()
     shutil.rmtree(temp_dir, ignore_errors=True)
 

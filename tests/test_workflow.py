@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +20,7 @@ import yaml
 
 from components.model import LLM2VecGen
 from components.spec import load_spec
+from tests.servers import stop_group
 
 DATA = Path("../shared/data").resolve()
 NQ = DATA / "nq_open" / "NQ-open.dev.jsonl"
@@ -61,22 +60,13 @@ def ray_head(tmp_path):
             break
         except OSError:
             if head.poll() is not None or time.monotonic() > deadline:
-                stop(head)
+                stop_group(head, grace=60)
                 pytest.fail(f"ray head did not start: {(tmp_path / 'ray-head.log').read_text()[-2000:]}")
             time.sleep(1)
     yield env, address
-    stop(head)
+    stop_group(head, grace=60)
     log.close()
     shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def stop(head: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
 
 
 def test_ray_job_submit_runs_the_tiny_spec_and_produces_a_model(ray_head, tmp_path):
